@@ -1,0 +1,281 @@
+"""Training configuration: one dataclass parsed by ``transformers.HfArgumentParser``.
+
+The fields follow the diffusers/accelerate example scripts so that their users find the options
+they expect. This module holds plain data (presets, option checks) and imports no torch code of the
+project, so ``--help`` and option errors come back before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+# Constructor arguments of `snac.SNAC`, exactly as the released checkpoints' config.json.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "snac_24khz": dict(
+        sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], latent_dim=None,
+        decoder_dim=1024, decoder_rates=[8, 8, 4, 2], attn_window_size=None,
+        codebook_size=4096, codebook_dim=8, vq_strides=[4, 2, 1], noise=True, depthwise=True,
+    ),
+    "snac_32khz": dict(
+        sampling_rate=32000, encoder_dim=64, encoder_rates=[2, 3, 8, 8], latent_dim=None,
+        decoder_dim=1536, decoder_rates=[8, 8, 3, 2], attn_window_size=32,
+        codebook_size=4096, codebook_dim=8, vq_strides=[8, 4, 2, 1], noise=True, depthwise=True,
+    ),
+    "snac_44khz": dict(
+        sampling_rate=44100, encoder_dim=64, encoder_rates=[2, 3, 8, 8], latent_dim=None,
+        decoder_dim=1536, decoder_rates=[8, 8, 3, 2], attn_window_size=32,
+        codebook_size=4096, codebook_dim=8, vq_strides=[8, 4, 2, 1], noise=True, depthwise=True,
+    ),
+    # A 24 kHz codec small enough to train for real on two CPU cores (tests, demo).
+    "tiny": dict(
+        sampling_rate=24000, encoder_dim=16, encoder_rates=[2, 4, 8, 8], latent_dim=None,
+        decoder_dim=128, decoder_rates=[8, 8, 4, 2], attn_window_size=None,
+        codebook_size=256, codebook_dim=8, vq_strides=[4, 2, 1], noise=True, depthwise=True,
+    ),
+}
+
+# Discriminator sizes per model preset: DAC's for the released sizes, narrow ones for `tiny`.
+DISCRIMINATOR_PRESETS: dict[str, dict[str, Any]] = {
+    "full": dict(periods=[2, 3, 5, 7, 11], mpd_channels=32, mpd_max_channels=1024,
+                 stft_windows=[2048, 1024, 512], stft_channels=32),
+    "tiny": dict(periods=[2, 3, 5, 7, 11], mpd_channels=4, mpd_max_channels=32,
+                 stft_windows=[2048, 1024, 512], stft_channels=4),
+}
+
+# Data presets: where a practitioner's usual corpora live on the Hub and what their columns are.
+DATASET_PRESETS: dict[str, dict[str, Any]] = {
+    "ljspeech": dict(dataset_name="keithito/lj_speech", train_split="train", eval_split=None,
+                     audio_column="audio"),
+    "librispeech": dict(dataset_name="openslr/librispeech_asr", dataset_config_name="clean",
+                        train_split="train.100", eval_split="validation", audio_column="audio"),
+    "common_voice": dict(dataset_name="mozilla-foundation/common_voice_17_0", dataset_config_name="en",
+                         train_split="train", eval_split="validation", audio_column="audio"),
+    "vctk": dict(dataset_name="CSTR-Edinburgh/vctk", train_split="train", eval_split=None,
+                 audio_column="audio"),
+    "demo": dict(train_data_dir=str(Path(__file__).parent / "demo_data" / "train"),
+                 validation_data_dir=str(Path(__file__).parent / "demo_data" / "validation")),
+}
+
+
+def _choice(help_text: str, default: Any, choices: Optional[list] = None, **kwargs: Any) -> Any:
+    metadata = {"help": help_text}
+    if choices is not None:
+        metadata["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default.copy(), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run. Parsed from the CLI, a YAML/JSON file, or built in Python."""
+
+    # Model
+    preset: str = _choice("Model preset.", "tiny", list(MODEL_PRESETS))
+    init_from: Optional[str] = _choice("Start from an existing SNAC folder or Hub id (config.json + weights).", None)
+    freeze: Optional[str] = _choice("Comma-separated parts to freeze: encoder, quantizer, decoder.", None)
+    model_noise: Optional[bool] = _choice("Override the decoder's noise blocks (off makes runs deterministic).", None)
+    quantizer_dropout: float = _choice("Share of each batch trained with a random number of levels (DAC).", 0.0)
+    dead_code_steps: int = _choice("Re-seed a code unused for this many optimizer steps (0 disables).", 0)
+    discriminator_preset: Optional[str] = _choice(
+        "Discriminator sizes; default follows the model preset.", None, list(DISCRIMINATOR_PRESETS))
+
+    # Data
+    dataset: Optional[str] = _choice("Dataset preset.", None, list(DATASET_PRESETS))
+    dataset_name: Optional[str] = _choice("Hub dataset id or a local dataset folder.", None)
+    dataset_config_name: Optional[str] = _choice("Hub dataset configuration.", None)
+    train_split: str = _choice("Split used for training.", "train")
+    eval_split: Optional[str] = _choice("Split used for validation.", None)
+    audio_column: str = _choice("Column holding the audio.", "audio")
+    train_data_dir: Optional[str] = _choice("Folder of audio files for training (searched recursively).", None)
+    validation_data_dir: Optional[str] = _choice("Folder of audio files for validation.", None)
+    train_file: Optional[str] = _choice("CSV or JSONL manifest with a path column, for training.", None)
+    validation_file: Optional[str] = _choice("CSV or JSONL manifest for validation.", None)
+    path_column: str = _choice("Manifest column that holds the file paths.", "path")
+    streaming: bool = _choice("Stream the dataset instead of downloading it whole.", False)
+    shuffle_buffer_size: int = _choice("Shuffle buffer for streaming.", 1000)
+    segment_seconds: float = _choice("Length of a training excerpt in seconds.", 1.0)
+    validation_seconds: float = _choice("Length of a validation excerpt in seconds.", 2.0)
+    max_validation_clips: int = _choice("Validation clips used at most.", 16)
+    short_clips: str = _choice("What to do with clips shorter than a segment.", "pad", ["pad", "skip"])
+    salience_threshold: float = _choice("Retry an excerpt quieter than this (LUFS).", -40.0)
+    salience_retries: int = _choice("Attempts at finding a salient excerpt.", 4)
+    target_loudness: Optional[float] = _choice("Normalise each excerpt to this loudness (LUFS); None keeps it.", -16.0)
+    max_bad_fraction: float = _choice("Stop when more than this share of recent samples is unusable.", 0.5)
+    dataloader_num_workers: Optional[int] = _choice("Loader worker processes; default fits the machine.", None)
+
+    # Optimisation
+    output_dir: str = _choice("Where checkpoints, logs and the exported codec go.", "outputs/run")
+    logging_dir: str = _choice("Tracker folder, relative to output_dir.", "logs")
+    seed: int = _choice("Seed of models, data order and excerpts.", 0)
+    train_batch_size: int = _choice("Batch size per device.", 8)
+    num_train_epochs: int = _choice("Epochs, used when max_train_steps is not set.", 1)
+    max_train_steps: Optional[int] = _choice("Total optimizer steps; overrides num_train_epochs.", None)
+    max_train_minutes: Optional[float] = _choice("Stop cleanly (checkpoint + export) after this wall time.", None)
+    gradient_accumulation_steps: int = _choice("Batches per optimizer update.", 1)
+    learning_rate: float = _choice("Generator learning rate.", 1e-4)
+    disc_learning_rate: Optional[float] = _choice("Discriminator learning rate (default: learning_rate).", None)
+    adam_beta1: float = _choice("AdamW beta1.", 0.8)
+    adam_beta2: float = _choice("AdamW beta2.", 0.99)
+    adam_weight_decay: float = _choice("AdamW weight decay.", 0.0)
+    adam_epsilon: float = _choice("AdamW epsilon.", 1e-8)
+    lr_scheduler: str = _choice("'exponential' or a transformers.get_scheduler name.", "exponential")
+    lr_gamma: float = _choice("Decay per update of the exponential scheduler.", 0.999996)
+    lr_warmup_steps: int = _choice("Warm-up updates for transformers schedulers.", 0)
+    max_grad_norm: float = _choice("Generator gradient clipping norm.", 1000.0)
+    disc_max_grad_norm: float = _choice("Discriminator gradient clipping norm.", 10.0)
+    disc_start: int = _choice("Optimizer step at which the adversarial losses start.", 0)
+    mel_weight: float = _choice("Weight of the multi-scale mel loss.", 15.0)
+    adversarial_weight: float = _choice("Weight of the adversarial loss.", 1.0)
+    feature_matching_weight: float = _choice("Weight of the feature-matching loss.", 2.0)
+    commitment_weight: float = _choice("Weight of the commitment loss.", 0.25)
+    codebook_weight: float = _choice("Weight of the codebook loss.", 1.0)
+    ema_decay: Optional[float] = _choice("Keep an EMA of the generator with this decay (e.g. 0.999).", None)
+    max_nonfinite_steps: int = _choice("Stop after this many non-finite updates in a row.", 10)
+    mixed_precision: Optional[str] = _choice("Mixed precision (default: accelerate's config).", None,
+                                             ["no", "fp16", "bf16"])
+    allow_tf32: bool = _choice("Allow TF32 matmuls on Ampere or newer GPUs.", False)
+
+    # Observability, checkpoints, validation
+    report_to: str = _choice("Trackers: tensorboard, wandb, trackio, all or none.", "tensorboard")
+    tracker_project_name: str = _choice("Tracker project name.", "snac-accel")
+    logging_steps: int = _choice("Log every N optimizer steps.", 10)
+    validation_steps: int = _choice("Validate every N optimizer steps (0: only at the end).", 0)
+    checkpointing_steps: int = _choice("Save training state every N optimizer steps (0: only at the end).", 500)
+    checkpoints_total_limit: Optional[int] = _choice("Keep at most this many checkpoints.", None)
+    resume_from_checkpoint: Optional[str] = _choice("'latest' or a checkpoint folder.", None)
+    export_use_ema: bool = _choice("Export the EMA weights when EMA is on.", True)
+    push_to_hub: bool = _choice("Push the exported codec to the Hub at the end.", False)
+    hub_model_id: Optional[str] = _choice("Hub repository for the push.", None)
+    hub_token: Optional[str] = _choice("Hub token (default: HF_TOKEN or the login cache).", None, repr=False)
+    hub_private: bool = _choice("Create the Hub repository private.", False)
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        config = dict(MODEL_PRESETS[self.preset])
+        if self.model_noise is not None:
+            config["noise"] = self.model_noise
+        return config
+
+    @property
+    def sampling_rate(self) -> int:
+        return int(self.model_config["sampling_rate"])
+
+    @property
+    def pad_multiple(self) -> int:
+        """Samples the model pads its input to (hop length times the largest stride/window lcm)."""
+        config = self.model_config
+        hop = math.prod(config["encoder_rates"])
+        return hop * math.lcm(config["vq_strides"][0], config["attn_window_size"] or 1)
+
+    @property
+    def segment_samples(self) -> int:
+        """The training excerpt in samples, rounded to the model's padding multiple."""
+        multiple = self.pad_multiple
+        return max(1, round(self.segment_seconds * self.sampling_rate / multiple)) * multiple
+
+    @property
+    def discriminator_config(self) -> dict[str, Any]:
+        name = self.discriminator_preset or ("tiny" if self.preset == "tiny" else "full")
+        return dict(DISCRIMINATOR_PRESETS[name])
+
+    def apply_dataset_preset(self) -> None:
+        """Fill data fields from ``--dataset`` where the user left them at their defaults."""
+        if self.dataset is None:
+            return
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, value in DATASET_PRESETS[self.dataset].items():
+            if getattr(self, key) == defaults[key]:
+                setattr(self, key, value)
+
+    def validate(self) -> None:
+        """Refuse a bad combination of options before anything is built (one clear line each)."""
+        errors = []
+        sources = [s for s in ("dataset_name", "train_data_dir", "train_file") if getattr(self, s)]
+        if not sources:
+            errors.append("no training data: give --dataset PRESET, --dataset_name, --train_data_dir or --train_file")
+        if self.train_data_dir and not Path(self.train_data_dir).is_dir():
+            errors.append(f"--train_data_dir {self.train_data_dir} is not a folder")
+        if self.validation_data_dir and not Path(self.validation_data_dir).is_dir():
+            errors.append(f"--validation_data_dir {self.validation_data_dir} is not a folder")
+        for name in ("train_file", "validation_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                errors.append(f"--{name} {path} does not exist")
+        min_seconds = self.pad_multiple / self.sampling_rate
+        if self.segment_samples < self.pad_multiple or self.segment_seconds < min_seconds:
+            errors.append(f"--segment_seconds {self.segment_seconds} is shorter than the model's padding "
+                          f"multiple ({self.pad_multiple} samples = {min_seconds:.3f} s); use at least that")
+        if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            errors.append("--train_batch_size and --gradient_accumulation_steps must be at least 1")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            errors.append("--max_train_steps must be at least 1")
+        if self.freeze:
+            unknown = set(self.freeze.split(",")) - {"encoder", "quantizer", "decoder"}
+            if unknown:
+                errors.append(f"--freeze got {sorted(unknown)}; choose among encoder, quantizer, decoder")
+        if not 0.0 <= self.quantizer_dropout <= 1.0:
+            errors.append("--quantizer_dropout must lie in [0, 1]")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            errors.append("--ema_decay must lie in (0, 1)")
+        if self.report_to not in ("tensorboard", "wandb", "trackio", "all", "none"):
+            errors.append(f"--report_to {self.report_to} is not one of tensorboard, wandb, trackio, all, none")
+        if self.push_to_hub and not self.hub_model_id:
+            errors.append("--push_to_hub needs --hub_model_id USER/NAME")
+        if self.resume_from_checkpoint and self.resume_from_checkpoint != "latest":
+            if not Path(self.resume_from_checkpoint).is_dir():
+                errors.append(f"--resume_from_checkpoint {self.resume_from_checkpoint} is not a checkpoint folder")
+        if errors:
+            raise ConfigError("; ".join(errors))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("hub_token", None)
+        return data
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the effective config (never the token) so a run can be repeated with --config."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+class ConfigError(ValueError):
+    """A bad option or option combination, raised before any training starts."""
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"--config {path} has unknown options {unknown}; see --help for the names")
+    return data
+
+
+def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
+    """CLI -> TrainConfig. ``--config FILE`` (YAML or JSON) sets defaults that CLI options override."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(TrainConfig, description="Train a SNAC codec with accelerate.")
+    parser.add_argument("--config", default=None, help="YAML or JSON file of options; CLI options override it.")
+    file_args, _ = parser.parse_known_args(argv) if "--config" in argv else (None, None)
+    if file_args is not None and file_args.config:
+        parser.set_defaults(**load_config_file(file_args.config))
+    namespace = parser.parse_args(argv)
+    values = {k: v for k, v in vars(namespace).items() if k != "config"}
+    config = TrainConfig(**values)
+    config.apply_dataset_preset()
+    config.validate()
+    return config

@@ -1,0 +1,112 @@
+"""Discriminators after DAC: multi-period (HiFi-GAN) and multi-band multi-resolution STFT.
+
+Each sub-discriminator returns its list of feature maps, the last one being the logits, so losses
+can do feature matching without knowing the architecture.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+FeatureMaps = list[torch.Tensor]
+
+DEFAULT_BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
+
+
+def _conv2d(*args, **kwargs) -> nn.Module:
+    return weight_norm(nn.Conv2d(*args, **kwargs))
+
+
+class PeriodDiscriminator(nn.Module):
+    """Looks at the waveform folded by one period: catches periodic artefacts (HiFi-GAN)."""
+
+    def __init__(self, period: int, channels: int = 32, max_channels: int = 1024) -> None:
+        super().__init__()
+        self.period = period
+        widths = [1] + [min(channels * 4**i, max_channels) for i in range(4)]
+        self.convs = nn.ModuleList(
+            _conv2d(c_in, c_out, (5, 1), (3, 1), padding=(2, 0)) for c_in, c_out in zip(widths, widths[1:])
+        )
+        self.convs.append(_conv2d(widths[-1], widths[-1], (5, 1), 1, padding=(2, 0)))
+        self.conv_post = _conv2d(widths[-1], 1, (3, 1), 1, padding=(1, 0))
+
+    def forward(self, x: torch.Tensor) -> FeatureMaps:
+        length = x.shape[-1]
+        x = F.pad(x, (0, (-length) % self.period), mode="reflect")
+        x = x.view(x.shape[0], 1, -1, self.period)
+        features = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+            features.append(x)
+        features.append(self.conv_post(x))
+        return features
+
+
+class BandedSTFTDiscriminator(nn.Module):
+    """Complex STFT at one resolution, split into frequency bands with their own conv stacks (DAC).
+
+    Runs in float32 even under autocast: half-precision STFTs lose the quiet bands.
+    """
+
+    def __init__(self, window_length: int, channels: int = 32, bands: Sequence[tuple[float, float]] = DEFAULT_BANDS,
+                 hop_factor: float = 0.25) -> None:
+        super().__init__()
+        self.window_length = window_length
+        self.hop_length = int(window_length * hop_factor)
+        n_bins = window_length // 2 + 1
+        self.bands = [(int(lo * n_bins), int(hi * n_bins)) for lo, hi in bands]
+        self.register_buffer("window", torch.hann_window(window_length), persistent=False)
+
+        def stack() -> nn.ModuleList:
+            return nn.ModuleList([
+                _conv2d(2, channels, (3, 9), (1, 1), padding=(1, 4)),
+                _conv2d(channels, channels, (3, 9), (1, 2), padding=(1, 4)),
+                _conv2d(channels, channels, (3, 9), (1, 2), padding=(1, 4)),
+                _conv2d(channels, channels, (3, 9), (1, 2), padding=(1, 4)),
+                _conv2d(channels, channels, (3, 3), (1, 1), padding=(1, 1)),
+            ])
+
+        self.band_convs = nn.ModuleList(stack() for _ in self.bands)
+        self.conv_post = _conv2d(channels, 1, (3, 3), (1, 1), padding=(1, 1))
+
+    def forward(self, x: torch.Tensor) -> FeatureMaps:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            spec = torch.stft(x.float().squeeze(1), self.window_length, self.hop_length, window=self.window,
+                              center=True, return_complex=True)
+            spec = torch.view_as_real(spec).permute(0, 3, 2, 1)  # [B, 2 (re, im), frames, bins]
+            features, outputs = [], []
+            for (lo, hi), convs in zip(self.bands, self.band_convs):
+                band = spec[..., lo:hi]
+                for conv in convs:
+                    band = F.leaky_relu(conv(band), 0.1)
+                    features.append(band)
+                outputs.append(band)
+            features.append(self.conv_post(torch.cat(outputs, dim=-1)))
+        return features
+
+
+class Discriminator(nn.Module):
+    """All sub-discriminators on DC-free, peak-normalised input (as DAC), one feature list each."""
+
+    def __init__(self, periods: Sequence[int] = (2, 3, 5, 7, 11), mpd_channels: int = 32,
+                 mpd_max_channels: int = 1024, stft_windows: Sequence[int] = (2048, 1024, 512),
+                 stft_channels: int = 32, bands: Sequence[tuple[float, float]] = DEFAULT_BANDS) -> None:
+        super().__init__()
+        self.discriminators = nn.ModuleList(
+            [PeriodDiscriminator(p, mpd_channels, mpd_max_channels) for p in periods]
+            + [BandedSTFTDiscriminator(w, stft_channels, bands) for w in stft_windows]
+        )
+
+    @staticmethod
+    def preprocess(x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean(dim=-1, keepdim=True)
+        return 0.8 * x / (x.abs().amax(dim=-1, keepdim=True) + 1e-9)
+
+    def forward(self, x: torch.Tensor) -> list[FeatureMaps]:
+        x = self.preprocess(x)
+        return [d(x) for d in self.discriminators]

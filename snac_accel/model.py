@@ -1,0 +1,142 @@
+"""The trainable generator: `snac.SNAC` plus the VQ losses and codebook statistics it lacks.
+
+`SnacGenerator` subclasses `snac.SNAC` without renaming a parameter, so its state dict loads into
+`snac.SNAC` unchanged. Its quantizer pass follows DAC: per level, in that level's projected space,
+commitment = MSE(z_e, sg(z_q)) and codebook = MSE(sg(z_e), z_q), with a straight-through estimator.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from snac import SNAC
+
+
+@dataclass
+class GeneratorOutput:
+    audio: torch.Tensor  # [B, 1, T], trimmed to the input length
+    codes: list[torch.Tensor]  # per level, [B, T_level]
+    commitment_loss: torch.Tensor  # summed over levels
+    codebook_loss: torch.Tensor  # summed over levels
+    commitment_per_level: list[torch.Tensor]
+    codebook_per_level: list[torch.Tensor]
+    latents: list[torch.Tensor]  # per level projected encoder vectors z_e, [B, D, T_level], detached
+
+
+class SnacGenerator(SNAC):
+    """`snac.SNAC` whose forward also returns the VQ losses; optional DAC quantizer dropout."""
+
+    def __init__(self, quantizer_dropout: float = 0.0, **snac_kwargs: Any) -> None:
+        super().__init__(**snac_kwargs)
+        self.quantizer_dropout = quantizer_dropout
+        defaults = {k: p.default for k, p in inspect.signature(SNAC.__init__).parameters.items() if k != "self"}
+        self._snac_config = {**defaults, **snac_kwargs, "latent_dim": self.latent_dim}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Exactly `snac.SNAC`'s constructor arguments, as written to config.json."""
+        return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in self._snac_config.items()}
+
+    @property
+    def pad_multiple(self) -> int:
+        return int(self.hop_length) * math.lcm(self.vq_strides[0], self.attn_window_size or 1)
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, GeneratorOutput]:
+        """Residual quantization with losses; same codes and z_q as `ResidualVectorQuantize.forward`."""
+        batch = z.shape[0]
+        n_levels = len(self.quantizer.quantizers)
+        active = torch.full((batch,), n_levels, device=z.device)
+        if self.training and self.quantizer_dropout > 0:
+            n_dropout = int(batch * self.quantizer_dropout)
+            active[:n_dropout] = torch.randint(1, n_levels + 1, (n_dropout,), device=z.device)
+        z_q_total = torch.zeros_like(z)
+        residual = z
+        codes, commitment, codebook, latents = [], [], [], []
+        for level, vq in enumerate(self.quantizer.quantizers):
+            x = F.avg_pool1d(residual, vq.stride, vq.stride) if vq.stride > 1 else residual
+            z_e = vq.in_proj(x)
+            z_q, indices = vq.decode_latents(z_e)
+            mask = (level < active).to(z.dtype)
+            commitment.append((F.mse_loss(z_e, z_q.detach(), reduction="none").mean([1, 2]) * mask).mean())
+            codebook.append((F.mse_loss(z_q, z_e.detach(), reduction="none").mean([1, 2]) * mask).mean())
+            z_q = z_e + (z_q - z_e).detach()
+            z_q = vq.out_proj(z_q)
+            if vq.stride > 1:
+                z_q = z_q.repeat_interleave(vq.stride, dim=-1)
+            z_q_total = z_q_total + z_q * mask[:, None, None]
+            residual = residual - z_q
+            codes.append(indices)
+            latents.append(z_e.detach())
+        stats = GeneratorOutput(
+            audio=z_q_total, codes=codes,
+            commitment_loss=torch.stack(commitment).sum(), codebook_loss=torch.stack(codebook).sum(),
+            commitment_per_level=commitment, codebook_per_level=codebook, latents=latents,
+        )
+        return z_q_total, stats
+
+    def forward(self, audio_data: torch.Tensor) -> GeneratorOutput:  # type: ignore[override]
+        length = audio_data.shape[-1]
+        z = self.encoder(self.preprocess(audio_data))
+        z_q, out = self.quantize(z)
+        out.audio = self.decoder(z_q)[..., :length]
+        return out
+
+
+def build_generator(config: dict[str, Any], quantizer_dropout: float = 0.0) -> SnacGenerator:
+    return SnacGenerator(quantizer_dropout=quantizer_dropout, **config)
+
+
+def resolve_pretrained_folder(path_or_repo: str, revision: Optional[str] = None) -> Path:
+    """A local SNAC folder as is, or a Hub id downloaded (config + weights only) to the cache."""
+    if os.path.isdir(path_or_repo):
+        return Path(path_or_repo)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path_or_repo, revision=revision,
+                                  allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"]))
+
+
+def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Weights of a SNAC folder: safetensors first, else `pytorch_model.bin` (the released format)."""
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
+
+
+def generator_from_pretrained(path_or_repo: str, quantizer_dropout: float = 0.0,
+                              noise: Optional[bool] = None) -> SnacGenerator:
+    """Build a `SnacGenerator` from any SNAC folder or Hub id (ours or a released one)."""
+    folder = resolve_pretrained_folder(path_or_repo)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; is it a SNAC model folder?")
+    config = json.loads(config_path.read_text())
+    if noise is not None:
+        config["noise"] = noise
+    model = build_generator(config, quantizer_dropout)
+    # Switching the decoder's noise blocks on or off adds or drops their weights, nothing else.
+    model.load_state_dict(load_state_dict(folder), strict=noise is None)
+    return model
+
+
+FREEZABLE = ("encoder", "quantizer", "decoder")
+
+
+def freeze(model: SnacGenerator, parts: Optional[str]) -> None:
+    """Freeze named parts before `accelerator.prepare` (DDP must see requires_grad=False)."""
+    if not parts:
+        return
+    for part in parts.split(","):
+        getattr(model, part).requires_grad_(False)

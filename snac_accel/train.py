@@ -1,0 +1,32 @@
+"""Entry point: ``accelerate launch -m snac_accel.train [--config run.yaml] [options]``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional
+
+from .config import ConfigError, parse_args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        config = parse_args(argv)
+    except ConfigError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    from .data import DataError
+    from .trainer import train
+
+    try:
+        final = train(config)
+    except (ConfigError, DataError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    logging.getLogger("snac_accel").info(f"done: {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,510 @@
+"""`SnacTrainer`: the GAN training loop of a SNAC codec on HuggingFace Accelerate.
+
+The step, in the order that makes fp16 with two optimizers and one GradScaler correct
+(see shared/ACCELERATE-NOTES.md):
+1. one ``accelerator.accumulate(generator, discriminator)`` block per batch;
+2. generator forward -> reconstruction, codes, VQ losses;
+3. discriminator: backward on real and fake.detach(), unscale its optimizer only, clip, step;
+4. generator: the discriminator is frozen (no gradient, no all-reduce), backward on mel +
+   adversarial + feature matching + commitment + codebook, unscale, clip, step;
+5. schedulers step once per optimizer update; a non-finite loss or gradient skips the update.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from . import data as data_lib
+from .config import ConfigError, TrainConfig
+from .discriminators import Discriminator
+from .hub import model_card, save_pretrained
+from .losses import (DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarialLoss, MultiScaleMelLoss,
+                     MultiScaleSTFTLoss)
+from .model import SnacGenerator, build_generator, freeze, generator_from_pretrained
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)$")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite updates in a row: the run stops, the last good checkpoint stays."""
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint (registered with ``accelerator.register_for_checkpointing``)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    skipped_updates: int = 0
+    nonfinite_in_row: int = 0
+    bad_files: int = 0
+    best_val_mel: float = math.inf
+    best_step: int = -1
+    extra: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first. Partial saves live under another name and never match."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def resolve_resume_path(config: TrainConfig) -> Optional[Path]:
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint != "latest":
+        return Path(config.resume_from_checkpoint)
+    found = list_checkpoints(Path(config.output_dir) / "checkpoints")
+    return found[-1][1] if found else None
+
+
+class SnacTrainer:
+    """Builds everything from a `TrainConfig` and runs the loop; `fit()` returns the export folder."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        output_dir = Path(config.output_dir)
+        log_with = None if config.report_to == "none" else config.report_to
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                logging_dir=str(output_dir / config.logging_dir)),
+        )
+        self._check_launch()
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        set_seed(config.seed)
+        self.state = TrainState()
+        self.resume_path = resolve_resume_path(config)
+        if config.resume_from_checkpoint and self.resume_path is None:
+            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {output_dir / 'checkpoints'}, "
+                           "starting from scratch", main_process_only=True)
+
+        self._build_data()
+        self._build_models()
+        self._build_optimizers()
+        self.generator, self.discriminator, self.opt_g, self.opt_d = self.accelerator.prepare(
+            self.generator, self.discriminator, self.opt_g, self.opt_d)
+        self.ema = None
+        if config.ema_decay is not None:
+            self.ema = AveragedModel(self.unwrapped_generator, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay),
+                                     use_buffers=True)
+            self.accelerator.register_for_checkpointing(self.ema)
+        self.accelerator.register_for_checkpointing(self.sched_g, self.sched_d, self.state)
+        self.mel_loss = MultiScaleMelLoss(config.sampling_rate).to(self.accelerator.device)
+        self.stft_loss = MultiScaleSTFTLoss().to(self.accelerator.device)
+        self.disc_loss = DiscriminatorLoss()
+        self.adv_loss = GeneratorAdversarialLoss()
+        self.fm_loss = FeatureMatchingLoss()
+        self.bad_tracker = data_lib.BadFileTracker(max_fraction=config.max_bad_fraction)
+        self._stop_signal: Optional[int] = None
+
+    # ------------------------------------------------------------------ building
+
+    def _check_launch(self) -> None:
+        """Refuse `--multi_gpu` without CUDA or ACCELERATE_USE_CPU: it starts unsynchronised copies."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != self.accelerator.num_processes:
+            raise ConfigError(
+                f"launched as {world} processes but accelerate formed a group of {self.accelerator.num_processes}: "
+                "on a machine without GPUs set ACCELERATE_USE_CPU=1 (or use launch.sh --accelerate-config cpu)")
+
+    def _build_data(self) -> None:
+        config, acc = self.config, self.accelerator
+        train_source = data_lib.load_source(config, "train")
+        if train_source is None:
+            raise ConfigError("no training data source: give --dataset, --dataset_name, --train_data_dir or --train_file")
+        spec = data_lib.ExcerptSpec(
+            sample_rate=config.sampling_rate, length=config.segment_samples, short_clips=config.short_clips,
+            salience_threshold=config.salience_threshold, salience_retries=config.salience_retries,
+            target_loudness=config.target_loudness)
+        self.train_clips = data_lib.AudioClips(train_source, spec, seed=config.seed, train=True)
+        data_lib.check_source(self.train_clips, "training")
+        self.sampler = data_lib.EpochBatchSampler(len(self.train_clips), config.train_batch_size, seed=config.seed,
+                                                  num_replicas=acc.num_processes, rank=acc.process_index)
+        if len(self.sampler) == 0:
+            raise ConfigError(f"the training data has {len(self.train_clips)} clips, fewer than one batch of "
+                              f"{config.train_batch_size} per process; lower --train_batch_size")
+        pin = acc.device.type == "cuda"
+        self.train_loader = data_lib.make_loader(self.train_clips, self.sampler, config.dataloader_num_workers, pin)
+        self.val_batch = None
+        val_source = data_lib.load_source(config, "validation")
+        if val_source is not None:
+            val_spec = data_lib.ExcerptSpec(
+                sample_rate=config.sampling_rate,
+                length=max(1, round(config.validation_seconds * config.sampling_rate / config.pad_multiple))
+                * config.pad_multiple,
+                short_clips="pad", salience_threshold=None, target_loudness=config.target_loudness)
+            val_clips = data_lib.AudioClips(val_source, val_spec, seed=config.seed, train=False)
+            data_lib.check_source(val_clips, "validation")
+            items = [val_clips[i] for i in range(min(len(val_clips), config.max_validation_clips))]
+            self.val_batch = data_lib.collate_clips(items)["audio"]
+        updates_per_epoch = max(1, len(self.sampler) // config.gradient_accumulation_steps)
+        self.max_steps = config.max_train_steps or config.num_train_epochs * updates_per_epoch
+
+    def _build_models(self) -> None:
+        config = self.config
+        if config.init_from:
+            self.generator = generator_from_pretrained(config.init_from, config.quantizer_dropout, config.model_noise)
+        else:
+            self.generator = build_generator(config.model_config, config.quantizer_dropout)
+        if self.generator.sampling_rate != config.sampling_rate:
+            raise ConfigError(f"--init_from model runs at {self.generator.sampling_rate} Hz but --preset "
+                              f"{config.preset} at {config.sampling_rate} Hz; pick the matching preset")
+        freeze(self.generator, config.freeze)
+        self.discriminator = Discriminator(**config.discriminator_config)
+
+    def _build_optimizers(self) -> None:
+        config = self.config
+        betas = (config.adam_beta1, config.adam_beta2)
+        g_params = [p for p in self.generator.parameters() if p.requires_grad]
+        self.opt_g = torch.optim.AdamW(g_params, lr=config.learning_rate, betas=betas,
+                                       weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+        self.opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=config.disc_learning_rate or config.learning_rate,
+                                       betas=betas, weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+        self.sched_g = self._scheduler(self.opt_g)
+        self.sched_d = self._scheduler(self.opt_d)
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Not prepared by accelerate: we step it ourselves, once per optimizer update, on every process."""
+        if self.config.lr_scheduler == "exponential":
+            return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.config.lr_gamma)
+        from transformers import get_scheduler
+
+        return get_scheduler(self.config.lr_scheduler, optimizer, num_warmup_steps=self.config.lr_warmup_steps,
+                             num_training_steps=self.max_steps)
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def unwrapped_generator(self) -> SnacGenerator:
+        return self.accelerator.unwrap_model(self.generator)
+
+    @property
+    def export_model(self) -> SnacGenerator:
+        if self.ema is not None and self.config.export_use_ema:
+            return self.ema.module
+        return self.unwrapped_generator
+
+    def _clip(self, model: torch.nn.Module, optimizer: Any, max_norm: float) -> torch.Tensor:
+        """Unscale this optimizer only (never all of them, see the notes), then clip this model."""
+        self.accelerator.unscale_gradients(optimizer=optimizer)
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.accelerator.device)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def _all_finite(self, *values: torch.Tensor) -> bool:
+        """Every process agrees: one all-reduce of a flag."""
+        bad = torch.tensor(float(not all(torch.isfinite(v).all() for v in values)), device=self.accelerator.device)
+        return self.accelerator.reduce(bad, reduction="sum").item() == 0
+
+    # ------------------------------------------------------------------ the step
+
+    def train_step(self, real: torch.Tensor) -> dict[str, float]:
+        """One micro-batch; the optimizers step when the accumulation window closes."""
+        config, acc = self.config, self.accelerator
+        adversarial = self.state.step >= config.disc_start
+        logs: dict[str, float] = {}
+        with acc.accumulate(self.generator, self.discriminator):
+            out = self.generator(real)
+            fake = out.audio
+            sync = acc.sync_gradients
+
+            if adversarial:
+                d_fake, d_real = self.discriminator(fake.detach()), self.discriminator(real)
+                loss_d = self.disc_loss(d_real, d_fake)
+                acc.backward(loss_d)
+                d_norm = self._clip(self.discriminator, self.opt_d, config.disc_max_grad_norm) if sync else None
+                d_ok = not sync or self._all_finite(loss_d.detach(), d_norm)
+                if d_ok or acc.scaler is not None:
+                    self.opt_d.step()
+                self.opt_d.zero_grad(set_to_none=True)
+                logs["loss/discriminator"] = loss_d.item()
+                if d_norm is not None:
+                    logs["grad_norm/discriminator"] = d_norm.item()
+
+            discriminator = acc.unwrap_model(self.discriminator)
+            discriminator.requires_grad_(False)
+            mel = self.mel_loss(fake, real)
+            loss_g = (config.mel_weight * mel + config.commitment_weight * out.commitment_loss
+                      + config.codebook_weight * out.codebook_loss)
+            if adversarial:
+                with torch.no_grad():
+                    d_real = discriminator(real)
+                d_fake = discriminator(fake)
+                adv, fm = self.adv_loss(d_fake), self.fm_loss(d_real, d_fake)
+                loss_g = loss_g + config.adversarial_weight * adv + config.feature_matching_weight * fm
+                logs["loss/adversarial"], logs["loss/feature_matching"] = adv.item(), fm.item()
+            acc.backward(loss_g)
+            discriminator.requires_grad_(True)
+            g_norm = self._clip(self.generator, self.opt_g, config.max_grad_norm) if sync else None
+            g_ok = not sync or self._all_finite(loss_g.detach(), g_norm)
+            if g_ok or acc.scaler is not None:
+                self.opt_g.step()
+            self.opt_g.zero_grad(set_to_none=True)
+
+        logs.update({"loss/generator": loss_g.item(), "loss/mel": mel.item(),
+                     "loss/commitment": out.commitment_loss.item(), "loss/codebook": out.codebook_loss.item()})
+        if g_norm is not None:
+            logs["grad_norm/generator"] = g_norm.item()
+        if sync:
+            finite = g_ok and (not adversarial or d_ok)
+            self._after_update(finite, out)
+        return logs
+
+    def _after_update(self, finite: bool, out: Any) -> None:
+        state = self.state
+        if finite:
+            state.nonfinite_in_row = 0
+            self.sched_g.step()
+            if self.state.step >= self.config.disc_start:
+                self.sched_d.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.unwrapped_generator)
+        else:
+            state.skipped_updates += 1
+            state.nonfinite_in_row += 1
+            logger.warning(f"non-finite loss or gradient at step {state.step}: update skipped "
+                           f"({state.nonfinite_in_row} in a row)")
+            if state.nonfinite_in_row >= self.config.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{state.nonfinite_in_row} non-finite updates in a row at step {state.step}: stopping. "
+                    "The last checkpoint is intact; lower --learning_rate or use --mixed_precision bf16/no")
+        state.step += 1
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.config.output_dir) / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        """Write into a temporary folder, then rename: a kill mid-save never leaves a 'latest' to pick."""
+        acc = self.accelerator
+        final = self.checkpoint_dir / f"checkpoint_{self.state.step}"
+        partial = self.checkpoint_dir / f".partial_checkpoint_{self.state.step}"
+        if acc.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(partial))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            self._rotate_checkpoints()
+            logger.info(f"saved {final}")
+        acc.wait_for_everyone()
+        return final
+
+    def _rotate_checkpoints(self) -> None:
+        limit = self.config.checkpoints_total_limit
+        if not limit:
+            return
+        found = [(step, path) for step, path in list_checkpoints(self.checkpoint_dir) if step != self.state.best_step]
+        keep = limit - (1 if self.state.best_step >= 0 and (self.checkpoint_dir / f"checkpoint_{self.state.best_step}").is_dir() else 0)
+        for _, path in found[:max(0, len(found) - max(keep, 1))]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def load_checkpoint(self, path: Path) -> None:
+        if not path.is_dir() or not any(path.glob("model*.safetensors")) and not any(path.glob("*.bin")):
+            raise ConfigError(f"{path} is not a checkpoint folder written by snac-accel (no model files)")
+        self.accelerator.load_state(str(path))
+        logger.info(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
+                    f"batch {self.state.batch_in_epoch})", main_process_only=True)
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Metrics on the fixed validation clips, with the EMA weights when EMA is on."""
+        from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
+
+        if self.val_batch is None:
+            return {}
+        model = self.export_model
+        was_training = model.training
+        model.eval()
+        real = self.val_batch.to(self.accelerator.device)
+        fake = torch.cat([model(chunk).audio for chunk in real.split(4)])
+        model.train(was_training)
+        metrics = {
+            "val/mel_distance": self.mel_loss(fake, real).item(),
+            "val/stft_distance": self.stft_loss(fake, real).item(),
+            "val/si_sdr": scale_invariant_signal_distortion_ratio(fake.float(), real.float()).mean().item(),
+        }
+        self._log_media(real, fake)
+        return metrics
+
+    def _log_media(self, real: torch.Tensor, fake: torch.Tensor) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name != "tensorboard":
+                continue
+            writer = tracker.writer
+            sr = self.config.sampling_rate
+            for i in range(min(2, real.shape[0])):
+                writer.add_audio(f"val/{i}/real", real[i, 0].float().cpu(), self.state.step, sample_rate=sr)
+                writer.add_audio(f"val/{i}/fake", fake[i, 0].float().cpu(), self.state.step, sample_rate=sr)
+                image = torch.cat([self.mel_loss.log_mels(x[i:i + 1], 5)[0].T.flip(0) for x in (real, fake)], dim=0)
+                image = (image - image.min()) / (image.max() - image.min() + 1e-9)
+                writer.add_image(f"val/{i}/mel_real_over_fake", image.cpu()[None], self.state.step)
+
+    def _validate_and_keep_best(self) -> None:
+        metrics = self.validate()
+        if not metrics:
+            return
+        self.accelerator.log(metrics, step=self.state.step)
+        logger.info(f"step {self.state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+                    main_process_only=True)
+        if metrics["val/mel_distance"] < self.state.best_val_mel:
+            self.state.best_val_mel = metrics["val/mel_distance"]
+            self.state.best_step = self.state.step
+            self.state.extra["best_metrics"] = metrics
+            self.export(Path(self.config.output_dir) / "best", metrics)
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, folder: Path, metrics: Optional[dict[str, float]] = None) -> Path:
+        """The Hub folder of the current (or EMA) generator; main process only."""
+        if self.accelerator.is_main_process:
+            config = self.config
+            info = dict(steps=self.state.step, metrics=metrics or self.state.extra.get("best_metrics"),
+                        datasets=[config.dataset_name or config.dataset], repo_id=config.hub_model_id,
+                        name=Path(config.output_dir).name)
+            save_pretrained(self.export_model, folder, card=model_card(self.export_model, info))
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    # ------------------------------------------------------------------ the loop
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum
+
+    def _stop_requested(self, started: float) -> bool:
+        """Every process agrees to stop at the same step (signal or wall-time budget)."""
+        limit = self.config.max_train_minutes
+        if self._stop_signal is not None or (limit is not None and time.monotonic() - started > limit * 60):
+            self.accelerator.set_trigger()
+        return self.accelerator.check_trigger()
+
+    def fit(self) -> Path:
+        """Train to ``max_train_steps`` (or a stop signal), checkpoint, export ``output_dir/final``."""
+        config, acc, state = self.config, self.accelerator, self.state
+        if acc.is_main_process:
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            config.save(Path(config.output_dir) / "config.yaml")
+        if self.resume_path is not None:
+            self.load_checkpoint(self.resume_path)
+        acc.init_trackers(config.tracker_project_name, config={k: v for k, v in config.to_dict().items()
+                                                              if isinstance(v, (int, float, str, bool))})
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        progress = tqdm(total=self.max_steps, initial=state.step, disable=not acc.is_local_main_process,
+                        desc="training", dynamic_ncols=True)
+        started = time.monotonic()
+        seconds_per_batch = config.train_batch_size * config.segment_samples / config.sampling_rate * acc.num_processes
+        data_wait, window_start, audio_seconds = 0.0, time.monotonic(), 0.0
+        stopped_early = False
+        try:
+            while state.step < self.max_steps and not stopped_early:
+                self.sampler.set_epoch(state.epoch, state.batch_in_epoch)
+                batches = iter(self.train_loader)
+                while state.step < self.max_steps:
+                    wait_start = time.monotonic()
+                    batch = next(batches, None)
+                    data_wait += time.monotonic() - wait_start
+                    if batch is None:
+                        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                        break
+                    state.batch_in_epoch += 1
+                    self.bad_tracker.update(batch["bad"], batch["good"])
+                    state.bad_files = self.bad_tracker.total
+                    if batch["audio"] is None:
+                        raise data_lib.DataError("a whole batch had no usable clip: " + "; ".join(batch["bad"][:3]))
+                    step_before = state.step
+                    logs = self.train_step(batch["audio"].to(acc.device, non_blocking=True))
+                    audio_seconds += seconds_per_batch
+                    if state.step == step_before:
+                        continue
+                    progress.update(1)
+                    if state.step % config.logging_steps == 0 or state.step == self.max_steps:
+                        elapsed = time.monotonic() - window_start
+                        logs.update({
+                            "lr/generator": self.sched_g.get_last_lr()[0],
+                            "lr/discriminator": self.sched_d.get_last_lr()[0],
+                            "data/bad_files": state.bad_files, "data/wait_share": data_wait / max(elapsed, 1e-9),
+                            "perf/audio_seconds_per_second": audio_seconds / max(elapsed, 1e-9),
+                            "train/skipped_updates": state.skipped_updates,
+                        })
+                        if torch.cuda.is_available():
+                            logs["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                        acc.log(logs, step=state.step)
+                        progress.set_postfix(mel=f"{logs['loss/mel']:.3f}",
+                                             audio_s_per_s=f"{logs['perf/audio_seconds_per_second']:.1f}")
+                        data_wait, window_start, audio_seconds = 0.0, time.monotonic(), 0.0
+                    if config.validation_steps and state.step % config.validation_steps == 0:
+                        self._validate_and_keep_best()
+                    if config.checkpointing_steps and state.step % config.checkpointing_steps == 0:
+                        self.save_checkpoint()
+                    if self._stop_requested(started):
+                        reason = f"signal {self._stop_signal}" if self._stop_signal else "--max_train_minutes"
+                        logger.info(f"stopping at step {state.step} ({reason})", main_process_only=True)
+                        stopped_early = True
+                        break
+        finally:
+            progress.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if not (config.checkpointing_steps and state.step % config.checkpointing_steps == 0):
+            self.save_checkpoint()
+        if self._stop_signal is not None:
+            acc.end_training()
+            return self.checkpoint_dir / f"checkpoint_{state.step}"
+        if not config.validation_steps or state.step % config.validation_steps:
+            self._validate_and_keep_best()
+        final = self.export(Path(config.output_dir) / "final")
+        if config.push_to_hub and acc.is_main_process:
+            from .hub import push_to_hub
+
+            push_to_hub(final, config.hub_model_id, token=config.hub_token, private=config.hub_private)
+        acc.end_training()
+        return final
+
+
+def train(config: TrainConfig) -> Path:
+    """Run a whole training as the CLI does; returns the exported folder."""
+    config.apply_dataset_preset()
+    config.validate()
+    return SnacTrainer(config).fit()

@@ -1,0 +1,41 @@
+"""Shared fixtures: the bundled demo clips and one short real training run reused by several tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEMO = Path(__file__).resolve().parents[1] / "snac_accel" / "demo_data"
+
+
+def tiny_config(output_dir: Path, **overrides):
+    """The tiny preset on the demo clips, deterministic (no decoder noise), no trackers, no workers."""
+    from snac_accel import TrainConfig
+
+    values = dict(
+        preset="tiny", train_data_dir=str(DEMO / "train"), validation_data_dir=str(DEMO / "validation"),
+        output_dir=str(output_dir), train_batch_size=4, segment_seconds=0.5, max_train_steps=30,
+        learning_rate=3e-4, checkpointing_steps=15, report_to="none", dataloader_num_workers=0,
+        model_noise=False, seed=0, max_validation_clips=4, validation_seconds=1.0,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    return DEMO
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A 30-step tiny training on the demo data; returns its output folder."""
+    from snac_accel import train
+
+    output_dir = tmp_path_factory.mktemp("trained")
+    train(tiny_config(output_dir))
+    return output_dir

@@ -1,0 +1,80 @@
+"""The whole path: CLI -> config -> data -> trainer -> export -> `snac.SNAC.from_pretrained`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import snac
+import torch
+
+from snac_accel.config import MODEL_PRESETS
+from snac_accel.data import AudioClips, ExcerptSpec, audio_dataset_from_files, list_audio_files
+from snac_accel.losses import MultiScaleMelLoss
+from snac_accel.model import build_generator
+
+from .conftest import tiny_config
+
+
+@pytest.mark.parametrize("preset,millions", [("snac_24khz", 19.8), ("snac_32khz", 54.5), ("snac_44khz", 54.5)])
+def test_presets_match_released_parameter_counts(preset, millions):
+    model = snac.SNAC(**MODEL_PRESETS[preset])
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - millions) < 0.1
+
+
+def test_export_loads_with_snac_and_round_trips_a_demo_clip(trained_run, demo_dir):
+    final = trained_run / "final"
+    assert {"config.json", "model.safetensors", "pytorch_model.bin", "README.md"} <= {p.name for p in final.iterdir()}
+    model = snac.SNAC.from_pretrained(str(final))
+    decoder = audio_dataset_from_files(list_audio_files(demo_dir / "validation"), 24000)[0]["audio"]
+    audio = decoder.get_all_samples().data[None]  # [1, 1, T]
+    with torch.inference_mode():
+        codes = model.encode(audio)
+        out = model.decode(codes)
+    padded = model.preprocess(audio).shape[-1]
+    assert padded >= audio.shape[-1] and padded % 2048 == 0
+    assert out.shape == (1, 1, padded)
+    assert torch.isfinite(out).all()
+    assert [c.shape[-1] for c in codes] == [padded // 512 // s for s in model.vq_strides]
+
+
+def test_thirty_steps_lower_the_mel_loss_on_training_clips(trained_run, demo_dir):
+    config = tiny_config(trained_run)
+    spec = ExcerptSpec(sample_rate=24000, length=24576, salience_threshold=None)
+    clips = AudioClips(audio_dataset_from_files(list_audio_files(demo_dir / "train")[:8], 24000), spec, train=False)
+    real = torch.stack([clips[i]["audio"] for i in range(len(clips))])
+    mel = MultiScaleMelLoss(24000)
+    torch.manual_seed(config.seed)
+    untrained = build_generator(config.model_config).eval()
+    trained = snac.SNAC.from_pretrained(str(trained_run / "final"))
+    with torch.inference_mode():
+        before = mel(untrained(real).audio, real).item()
+        after = mel(trained(real)[0], real).item()
+    assert after < 0.9 * before, (before, after)
+
+
+def test_cli_help_lists_the_options():
+    out = subprocess.run([sys.executable, "-m", "snac_accel.train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for option in ("--preset", "--train_data_dir", "--validation_data_dir", "--output_dir", "--max_train_steps",
+                   "--train_batch_size", "--segment_seconds", "--seed", "--checkpointing_steps",
+                   "--resume_from_checkpoint", "--config"):
+        assert option in out
+
+
+def test_accelerate_launch_help():
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+                          "-m", "snac_accel.train", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--train_data_dir" in out
+
+
+def test_bad_option_is_refused_in_one_line_before_training(tmp_path, demo_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "snac_accel.train", "--train_data_dir", str(demo_dir / "train"),
+         "--segment_seconds", "0.01", "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "segment_seconds" in result.stderr and "padding multiple" in result.stderr
+    assert not (tmp_path / "out").exists()
