@@ -55,7 +55,7 @@ train() {
 demo() {
   local out=outputs/demo
   "$PY" -m snac_accel.train --dataset demo --preset tiny --output_dir "$out" \
-    --train_batch_size 4 --segment_seconds 1.0 --max_train_steps 100000 --max_train_minutes 4.5 \
+    --train_batch_size 4 --segment_seconds 1.0 --max_train_steps 300 --max_train_minutes 4.5 \
     --learning_rate 3e-4 --checkpointing_steps 100 --checkpoints_total_limit 2 --validation_steps 100 \
     --logging_steps 10
   echo

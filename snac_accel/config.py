@@ -8,6 +8,7 @@ project, so ``--help`` and option errors come back before any model is built.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -232,8 +233,15 @@ class TrainConfig:
         if self.push_to_hub and not self.hub_model_id:
             errors.append("--push_to_hub needs --hub_model_id USER/NAME")
         if self.resume_from_checkpoint and self.resume_from_checkpoint != "latest":
-            if not Path(self.resume_from_checkpoint).is_dir():
-                errors.append(f"--resume_from_checkpoint {self.resume_from_checkpoint} is not a checkpoint folder")
+            folder = Path(self.resume_from_checkpoint)
+            if not folder.is_dir() or not any(folder.glob("model*.safetensors")):
+                errors.append(f"--resume_from_checkpoint {folder} is not a checkpoint folder (no model*.safetensors); "
+                              "give OUTPUT_DIR/checkpoints/checkpoint_N or 'latest'")
+        tracker_modules = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+        for tracker in ([] if self.report_to in ("none", "all") else [self.report_to]):
+            if tracker in tracker_modules and importlib.util.find_spec(tracker_modules[tracker]) is None:
+                errors.append(f"--report_to {tracker} needs the '{tracker}' package: pip install {tracker} "
+                              "(or --report_to none)")
         if errors:
             raise ConfigError("; ".join(errors))
 
@@ -267,8 +275,12 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     """CLI -> TrainConfig. ``--config FILE`` (YAML or JSON) sets defaults that CLI options override."""
     from transformers import HfArgumentParser
 
+    class Parser(HfArgumentParser):
+        def error(self, message: str) -> None:  # argparse prints usage too; one line is clearer
+            raise ConfigError(f"{message} (see --help)")
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(TrainConfig, description="Train a SNAC codec with accelerate.")
+    parser = Parser(TrainConfig, description="Train a SNAC codec with accelerate.")
     parser.add_argument("--config", default=None, help="YAML or JSON file of options; CLI options override it.")
     file_args, _ = parser.parse_known_args(argv) if "--config" in argv else (None, None)
     if file_args is not None and file_args.config:

@@ -283,7 +283,10 @@ def default_num_workers() -> int:
 def make_loader(clips: AudioClips, batch_sampler: Optional[Sampler], num_workers: Optional[int], pin_memory: bool,
                 batch_size: int = 1) -> DataLoader:
     workers = default_num_workers() if num_workers is None else num_workers
-    kwargs: dict[str, Any] = dict(num_workers=workers, collate_fn=collate_clips, pin_memory=pin_memory)
+    # Its own generator: creating an iterator draws a worker base seed, which must not consume the
+    # global RNG (the decoder noise and quantizer dropout live there), or resume would not be exact.
+    kwargs: dict[str, Any] = dict(num_workers=workers, collate_fn=collate_clips, pin_memory=pin_memory,
+                                  generator=torch.Generator().manual_seed(0))
     if workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=4)
     if batch_sampler is not None:

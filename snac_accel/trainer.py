@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
@@ -92,6 +93,10 @@ class SnacTrainer:
         self.config = config
         output_dir = Path(config.output_dir)
         log_with = None if config.report_to == "none" else config.report_to
+        # Accelerate keeps precision and accumulation in process-wide singletons; a second trainer in
+        # the same process (notebook, tests) must be able to choose its own. The process group stays.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
@@ -128,6 +133,7 @@ class SnacTrainer:
         self.fm_loss = FeatureMatchingLoss()
         self.bad_tracker = data_lib.BadFileTracker(max_fraction=config.max_bad_fraction)
         self._stop_signal: Optional[int] = None
+        self._last_saved_step = -1
 
     # ------------------------------------------------------------------ building
 
@@ -231,11 +237,16 @@ class SnacTrainer:
 
     # ------------------------------------------------------------------ the step
 
-    def train_step(self, real: torch.Tensor) -> dict[str, float]:
-        """One micro-batch; the optimizers step when the accumulation window closes."""
+    def train_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One micro-batch; the optimizers step when the accumulation window closes.
+
+        Returns detached loss tensors: converting them to floats is left to logging steps, so a GPU
+        is synchronised once per update (the non-finite check) rather than once per value.
+        """
         config, acc = self.config, self.accelerator
         adversarial = self.state.step >= config.disc_start
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
+        d_ok = True
         with acc.accumulate(self.generator, self.discriminator):
             out = self.generator(real)
             fake = out.audio
@@ -245,15 +256,18 @@ class SnacTrainer:
                 d_fake, d_real = self.discriminator(fake.detach()), self.discriminator(real)
                 loss_d = self.disc_loss(d_real, d_fake)
                 acc.backward(loss_d)
-                d_norm = self._clip(self.discriminator, self.opt_d, config.disc_max_grad_norm) if sync else None
-                d_ok = not sync or self._all_finite(loss_d.detach(), d_norm)
-                if d_ok or acc.scaler is not None:
+                if sync:
+                    d_norm = self._clip(self.discriminator, self.opt_d, config.disc_max_grad_norm)
+                    d_ok = self._all_finite(loss_d.detach(), d_norm)
+                    logs["grad_norm/discriminator"] = d_norm.detach()
+                if d_ok or acc.scaler is not None:  # the GradScaler skips a non-finite fp16 step itself
                     self.opt_d.step()
                 self.opt_d.zero_grad(set_to_none=True)
-                logs["loss/discriminator"] = loss_d.item()
-                if d_norm is not None:
-                    logs["grad_norm/discriminator"] = d_norm.item()
+                logs["loss/discriminator"] = loss_d.detach()
 
+            # The generator pass goes around DDP with a frozen discriminator: no gradient lands in
+            # the discriminator's .grad (which accumulation would carry into its next update) and
+            # no all-reduce is spent on it.
             discriminator = acc.unwrap_model(self.discriminator)
             discriminator.requires_grad_(False)
             mel = self.mel_loss(fake, real)
@@ -265,22 +279,25 @@ class SnacTrainer:
                 d_fake = discriminator(fake)
                 adv, fm = self.adv_loss(d_fake), self.fm_loss(d_real, d_fake)
                 loss_g = loss_g + config.adversarial_weight * adv + config.feature_matching_weight * fm
-                logs["loss/adversarial"], logs["loss/feature_matching"] = adv.item(), fm.item()
+                logs["loss/adversarial"], logs["loss/feature_matching"] = adv.detach(), fm.detach()
             acc.backward(loss_g)
             discriminator.requires_grad_(True)
-            g_norm = self._clip(self.generator, self.opt_g, config.max_grad_norm) if sync else None
-            g_ok = not sync or self._all_finite(loss_g.detach(), g_norm)
+            g_ok = True
+            if sync:
+                g_norm = self._clip(self.generator, self.opt_g, config.max_grad_norm)
+                g_ok = self._all_finite(loss_g.detach(), g_norm)
+                logs["grad_norm/generator"] = g_norm.detach()
             if g_ok or acc.scaler is not None:
                 self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
 
-        logs.update({"loss/generator": loss_g.item(), "loss/mel": mel.item(),
-                     "loss/commitment": out.commitment_loss.item(), "loss/codebook": out.codebook_loss.item()})
-        if g_norm is not None:
-            logs["grad_norm/generator"] = g_norm.item()
+        logs.update({"loss/generator": loss_g.detach(), "loss/mel": mel.detach(),
+                     "loss/commitment": out.commitment_loss.detach(), "loss/codebook": out.codebook_loss.detach()})
+        for level, (commitment, codebook) in enumerate(zip(out.commitment_per_level, out.codebook_per_level)):
+            logs[f"loss/commitment_level{level}"] = commitment.detach()
+            logs[f"loss/codebook_level{level}"] = codebook.detach()
         if sync:
-            finite = g_ok and (not adversarial or d_ok)
-            self._after_update(finite, out)
+            self._after_update(g_ok and d_ok, out)
         return logs
 
     def _after_update(self, finite: bool, out: Any) -> None:
@@ -310,9 +327,15 @@ class SnacTrainer:
         return Path(self.config.output_dir) / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """Write into a temporary folder, then rename: a kill mid-save never leaves a 'latest' to pick."""
+        """Write into a temporary folder, then rename: a kill mid-save never leaves a 'latest' to pick.
+
+        Saving twice at one step (best model, checkpointing step, end of run) writes once.
+        """
         acc = self.accelerator
         final = self.checkpoint_dir / f"checkpoint_{self.state.step}"
+        if self._last_saved_step == self.state.step:
+            return final
+        self._last_saved_step = self.state.step
         partial = self.checkpoint_dir / f".partial_checkpoint_{self.state.step}"
         if acc.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
@@ -348,7 +371,11 @@ class SnacTrainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Metrics on the fixed validation clips, with the EMA weights when EMA is on."""
+        """Metrics on the fixed validation clips, with the EMA weights when EMA is on.
+
+        Runs on a forked RNG with a fixed seed: the decoder's noise gives the same metrics every
+        time, and training's random stream is untouched (resume stays bit-exact).
+        """
         from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
 
         if self.val_batch is None:
@@ -357,7 +384,10 @@ class SnacTrainer:
         was_training = model.training
         model.eval()
         real = self.val_batch.to(self.accelerator.device)
-        fake = torch.cat([model(chunk).audio for chunk in real.split(4)])
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed)
+            fake = torch.cat([model(chunk).audio for chunk in real.split(4)])
         model.train(was_training)
         metrics = {
             "val/mel_distance": self.mel_loss(fake, real).item(),
@@ -394,6 +424,7 @@ class SnacTrainer:
             self.state.best_step = self.state.step
             self.state.extra["best_metrics"] = metrics
             self.export(Path(self.config.output_dir) / "best", metrics)
+            self.save_checkpoint()
 
     # ------------------------------------------------------------------ export
 
@@ -428,6 +459,7 @@ class SnacTrainer:
             config.save(Path(config.output_dir) / "config.yaml")
         if self.resume_path is not None:
             self.load_checkpoint(self.resume_path)
+            self._last_saved_step = self.state.step
         acc.init_trackers(config.tracker_project_name, config={k: v for k, v in config.to_dict().items()
                                                               if isinstance(v, (int, float, str, bool))})
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
@@ -461,6 +493,7 @@ class SnacTrainer:
                     progress.update(1)
                     if state.step % config.logging_steps == 0 or state.step == self.max_steps:
                         elapsed = time.monotonic() - window_start
+                        logs = {k: v.item() for k, v in logs.items()}
                         logs.update({
                             "lr/generator": self.sched_g.get_last_lr()[0],
                             "lr/discriminator": self.sched_d.get_last_lr()[0],
@@ -468,15 +501,15 @@ class SnacTrainer:
                             "perf/audio_seconds_per_second": audio_seconds / max(elapsed, 1e-9),
                             "train/skipped_updates": state.skipped_updates,
                         })
-                        if torch.cuda.is_available():
-                            logs["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                        logs["perf/peak_memory_gb"] = peak_memory_gb(acc.device)
                         acc.log(logs, step=state.step)
                         progress.set_postfix(mel=f"{logs['loss/mel']:.3f}",
                                              audio_s_per_s=f"{logs['perf/audio_seconds_per_second']:.1f}")
                         data_wait, window_start, audio_seconds = 0.0, time.monotonic(), 0.0
                     if config.validation_steps and state.step % config.validation_steps == 0:
                         self._validate_and_keep_best()
-                    if config.checkpointing_steps and state.step % config.checkpointing_steps == 0:
+                    if (config.checkpointing_steps and state.step % config.checkpointing_steps == 0
+                            and state.nonfinite_in_row == 0):
                         self.save_checkpoint()
                     if self._stop_requested(started):
                         reason = f"signal {self._stop_signal}" if self._stop_signal else "--max_train_minutes"
@@ -487,8 +520,7 @@ class SnacTrainer:
             progress.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        if not (config.checkpointing_steps and state.step % config.checkpointing_steps == 0):
-            self.save_checkpoint()
+        self.save_checkpoint()
         if self._stop_signal is not None:
             acc.end_training()
             return self.checkpoint_dir / f"checkpoint_{state.step}"
@@ -501,6 +533,15 @@ class SnacTrainer:
             push_to_hub(final, config.hub_model_id, token=config.hub_token, private=config.hub_private)
         acc.end_training()
         return final
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory, or the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def train(config: TrainConfig) -> Path:

@@ -1,0 +1,209 @@
+"""SnacTrainer: the GAN step, accumulation, precision, EMA, faults, exact resume and signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from snac_accel.config import ConfigError, parse_args
+from snac_accel.trainer import NonFiniteError, SnacTrainer, list_checkpoints, resolve_resume_path
+
+from .conftest import tiny_config
+
+
+def weights(checkpoint: Path, index: int = 0) -> dict[str, torch.Tensor]:
+    name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+    return load_file(checkpoint / name)
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_two_accumulated_batches_of_two_equal_one_batch_of_four(tmp_path):
+    # adam_epsilon 1 makes AdamW's first update ~ lr * gradient: float-level gradient differences stay
+    # float-level in the weights instead of being blown up by g / |g| for near-zero gradients.
+    common = dict(max_train_steps=1, segment_seconds=0.25, checkpointing_steps=1, learning_rate=1e-2,
+                  adam_epsilon=1.0, validation_data_dir=None)
+    # Adversarial terms off: with them on, the second micro-batch's generator pass would see a
+    # discriminator updated after the first (inherent to accumulating a GAN), so only D is compared.
+    SnacTrainer(tiny_config(tmp_path / "acc", train_batch_size=2, gradient_accumulation_steps=2,
+                            disc_start=10, **common)).fit()
+    SnacTrainer(tiny_config(tmp_path / "big", train_batch_size=4, disc_start=10, **common)).fit()
+    a = weights(tmp_path / "acc/checkpoints/checkpoint_1")
+    b = weights(tmp_path / "big/checkpoints/checkpoint_1")
+    init = SnacTrainer(tiny_config(tmp_path / "init", **common)).unwrapped_generator.state_dict()
+    moved = max_difference(a, {k: v for k, v in init.items() if k in a})
+    assert moved > 1e-5  # the step did change the weights
+    assert max_difference(a, b) < 1e-3 * moved
+
+    SnacTrainer(tiny_config(tmp_path / "acc_d", train_batch_size=2, gradient_accumulation_steps=2, **common)).fit()
+    SnacTrainer(tiny_config(tmp_path / "big_d", train_batch_size=4, **common)).fit()
+    d_a = weights(tmp_path / "acc_d/checkpoints/checkpoint_1", 1)
+    d_b = weights(tmp_path / "big_d/checkpoints/checkpoint_1", 1)
+    assert max_difference(d_a, d_b) < 1e-7
+
+
+def test_discriminator_gets_no_gradient_from_the_generator_pass(tmp_path):
+    trainer = SnacTrainer(tiny_config(tmp_path, train_batch_size=2, gradient_accumulation_steps=2,
+                                      segment_seconds=0.25))
+    trainer.sampler.set_epoch(0)
+    real = next(iter(trainer.train_loader))["audio"]
+    trainer.train_step(real)  # first micro-batch: no optimizer step, gradients stay in .grad
+    got = {n: p.grad.clone() for n, p in trainer.discriminator.named_parameters()}
+    trainer.discriminator.zero_grad()
+    with torch.no_grad():
+        fake = trainer.generator(real).audio
+    loss = trainer.disc_loss(trainer.discriminator(real), trainer.discriminator(fake)) / 2
+    loss.backward()
+    for name, param in trainer.discriminator.named_parameters():
+        torch.testing.assert_close(got[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    final = SnacTrainer(tiny_config(tmp_path, mixed_precision="bf16", max_train_steps=3, segment_seconds=0.25,
+                                    checkpointing_steps=0)).fit()
+    exported = load_file(final / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in exported.values())
+    assert all(v.dtype == torch.float32 for v in exported.values())
+
+
+def test_ema_is_exported_and_differs_from_raw_weights(tmp_path):
+    trainer = SnacTrainer(tiny_config(tmp_path, ema_decay=0.5, max_train_steps=3, segment_seconds=0.25,
+                                      checkpointing_steps=0))
+    final = trainer.fit()
+    exported = load_file(final / "model.safetensors")
+    ema = trainer.ema.module.state_dict()
+    raw = trainer.unwrapped_generator.state_dict()
+    assert max_difference(exported, ema) == 0
+    assert max_difference(exported, raw) > 0
+    assert (tmp_path / "checkpoints/checkpoint_3").is_dir()
+
+
+def test_non_finite_updates_are_skipped_then_stop_with_checkpoint_intact(tmp_path):
+    trainer = SnacTrainer(tiny_config(tmp_path, max_train_steps=2, segment_seconds=0.25, checkpointing_steps=2,
+                                      max_nonfinite_steps=3, validation_data_dir=None))
+    trainer.fit()
+    before = weights(tmp_path / "checkpoints/checkpoint_2")
+    with torch.no_grad():  # a diverged generator: every loss is NaN from here on
+        for param in trainer.unwrapped_generator.decoder.parameters():
+            param.fill_(float("nan"))
+    trainer.max_steps = 20
+    with pytest.raises(NonFiniteError, match="3 non-finite updates in a row"):
+        trainer.fit()
+    assert trainer.state.skipped_updates == 3
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
+    assert max_difference(before, weights(tmp_path / "checkpoints/checkpoint_2")) == 0
+
+
+def test_resume_mid_epoch_is_bit_identical(tmp_path):
+    # 36 clips / batch 4 = 9 batches per epoch: the cut at 5 is mid-epoch, the run crosses an epoch.
+    common = dict(segment_seconds=0.25, checkpointing_steps=5, model_noise=True, quantizer_dropout=0.5)
+    SnacTrainer(tiny_config(tmp_path / "straight", max_train_steps=10, **common)).fit()
+    SnacTrainer(tiny_config(tmp_path / "cut", max_train_steps=5, **common)).fit()
+    resumed = SnacTrainer(tiny_config(tmp_path / "cut", max_train_steps=10, resume_from_checkpoint="latest",
+                                      **common))
+    resumed.fit()
+    assert resumed.state.epoch == 1
+    for index in (0, 1):
+        a = weights(tmp_path / "straight/checkpoints/checkpoint_10", index)
+        b = weights(tmp_path / "cut/checkpoints/checkpoint_10", index)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"model_{index} differs after resume"
+
+
+def test_kill_during_save_leaves_latest_on_the_last_complete_checkpoint(tmp_path):
+    trainer = SnacTrainer(tiny_config(tmp_path, max_train_steps=2, segment_seconds=0.25, checkpointing_steps=2))
+    trainer.fit()
+
+    def killed_midway(output_dir, **kwargs):  # the process dies after writing part of the files
+        (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    trainer.accelerator.save_state = killed_midway
+    trainer.state.step = 4
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    latest = resolve_resume_path(tiny_config(tmp_path, resume_from_checkpoint="latest"))
+    assert latest == tmp_path / "checkpoints/checkpoint_2"
+    resumed = SnacTrainer(tiny_config(tmp_path, max_train_steps=3, segment_seconds=0.25,
+                                      resume_from_checkpoint="latest"))
+    resumed.fit()
+    assert resumed.state.step == 3
+
+
+def test_checkpoints_total_limit_rotates(tmp_path):
+    SnacTrainer(tiny_config(tmp_path, max_train_steps=4, segment_seconds=0.25, checkpointing_steps=1,
+                            checkpoints_total_limit=2, validation_data_dir=None)).fit()
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [3, 4]
+
+
+def _cli(tmp_path: Path, *extra: str) -> list[str]:
+    demo = Path(__file__).resolve().parents[1] / "snac_accel" / "demo_data"
+    return [sys.executable, "-m", "snac_accel.train", "--preset", "tiny", "--train_data_dir", str(demo / "train"),
+            "--output_dir", str(tmp_path), "--train_batch_size", "2", "--segment_seconds", "0.25",
+            "--report_to", "none", "--dataloader_num_workers", "0", "--checkpointing_steps", "2", *extra]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_exits_zero_and_resumes(tmp_path, signum):
+    proc = subprocess.Popen(_cli(tmp_path, "--max_train_steps", "100000"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "checkpoints" / "checkpoint_2").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert time.monotonic() - sent < 60
+    step = list_checkpoints(tmp_path / "checkpoints")[-1][0]
+    assert step >= 2 and f"signal {int(signum)}" in output
+    resumed = subprocess.run(_cli(tmp_path, "--max_train_steps", str(step + 1), "--resume_from_checkpoint", "latest"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {step} " in resumed.stderr
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    assert list_checkpoints(tmp_path / "checkpoints")[-1][0] == step + 1
+
+
+def test_config_file_with_cli_overrides_and_effective_config(tmp_path, trained_run):
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text("preset: tiny\ntrain_batch_size: 3\nmax_train_steps: 5\ntrain_data_dir: "
+                        f"{tiny_config(tmp_path).train_data_dir}\n")
+    config = parse_args(["--config", str(run_yaml), "--max_train_steps", "7"])
+    assert (config.train_batch_size, config.max_train_steps, config.preset) == (3, 7, "tiny")
+    effective = trained_run / "config.yaml"
+    again = parse_args(["--config", str(effective)])
+    assert again.max_train_steps == 30 and again.segment_seconds == 0.5
+    (tmp_path / "bad.yaml").write_text("presett: tiny\n")
+    with pytest.raises(ConfigError, match="unknown options"):
+        parse_args(["--config", str(tmp_path / "bad.yaml")])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "snac_99khz"], "invalid choice"),
+    (["--resume_from_checkpoint", "."], "not a checkpoint folder"),
+    (["--dataset_name", "{demo}", "--eval_split", "nosuchsplit"], "no split 'nosuchsplit'"),
+])
+def test_bad_options_are_refused_before_training(tmp_path, args, message):
+    demo = Path(__file__).resolve().parents[1] / "snac_accel" / "demo_data"
+    args = [a.replace("{demo}", str(demo)) for a in args]
+    base = [sys.executable, "-m", "snac_accel.train", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    if "--dataset_name" not in args:
+        base += ["--train_data_dir", str(demo / "train")]
+    result = subprocess.run(base + args, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
