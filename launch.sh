@@ -47,9 +47,78 @@ train() {
     # One process: run the trainer itself so that SIGTERM reaches it directly.
     exec "$PY" -m snac_accel.train "$@"
   fi
-  local file="accelerate_configs/${accelerate_config%.yaml}.yaml"
+  local name=${accelerate_config%.yaml}
+  local file="accelerate_configs/$name.yaml"
   [[ -f "$file" ]] || { echo "no accelerate config $file (choose from: $(ls accelerate_configs))" >&2; exit 2; }
-  exec "$VENV/bin/accelerate" launch --config_file "$file" -m snac_accel.train "$@"
+  local flags=(--config_file "$file")
+  if [[ "$name" == cpu ]]; then
+    # Without it accelerate looks for CUDA, finds none and starts unsynchronised copies.
+    export ACCELERATE_USE_CPU=1
+  fi
+  local nnodes=${NNODES:-${SLURM_NNODES:-1}}
+  if [[ "$name" == multi_node || "$nnodes" -gt 1 ]]; then
+    local rendezvous
+    rendezvous=$(rendezvous_flags "$nnodes") || exit 2
+    mapfile -t -O "${#flags[@]}" flags <<< "$rendezvous"
+  else
+    if [[ "$name" == multi_gpu && -n "$(gpus_per_node)" ]]; then
+      flags+=(--num_processes "$(gpus_per_node)")
+    fi
+    # Two jobs on one machine need two rendezvous ports.
+    if [[ -n "${MASTER_PORT:-}" ]]; then
+      flags+=(--main_process_port "$MASTER_PORT")
+    fi
+  fi
+  launch_forwarding_signals "$VENV/bin/accelerate" launch "${flags[@]}" -m snac_accel.train "$@"
+}
+
+# Processes on this machine: GPUS_PER_NODE, else what SLURM or nvidia-smi report; one on a CPU run.
+gpus_per_node() {
+  if [[ -n "${GPUS_PER_NODE:-}" ]]; then
+    echo "$GPUS_PER_NODE"
+  elif [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
+    echo "$SLURM_GPUS_ON_NODE"
+  elif [[ "${ACCELERATE_USE_CPU:-0}" == 1 ]]; then
+    echo 1
+  elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    nvidia-smi -L | wc -l
+  fi
+}
+
+# accelerate launch flags of one machine of a multi-node job, one per line; they override the yaml.
+rendezvous_flags() {
+  local nnodes=$1 node_rank master_addr master_port per_node
+  node_rank=${NODE_RANK:-${SLURM_NODEID:-}}
+  master_addr=${MASTER_ADDR:-}
+  if [[ -z "$master_addr" && -n "${SLURM_JOB_NODELIST:-}" ]]; then
+    master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  fi
+  master_port=${MASTER_PORT:-29500}
+  per_node=$(gpus_per_node)
+  if [[ "$nnodes" -lt 2 || -z "$node_rank" || -z "$master_addr" || -z "$per_node" ]]; then
+    echo "multi-node needs NNODES (>1), NODE_RANK, MASTER_ADDR [MASTER_PORT, GPUS_PER_NODE]" \
+      "or a SLURM allocation; got NNODES=$nnodes NODE_RANK=$node_rank MASTER_ADDR=$master_addr" \
+      "GPUS_PER_NODE=$per_node" >&2
+    exit 2
+  fi
+  printf '%s\n' --num_machines "$nnodes" --machine_rank "$node_rank" --num_processes "$((nnodes * per_node))" \
+    --main_process_ip "$master_addr" --main_process_port "$master_port" --rdzv_backend static
+}
+
+# accelerate's one-process launcher dies on SIGTERM and leaves the trainer running, and torchrun
+# does not forward SIGUSR1: hand TERM and USR1 to the trainer processes (the launcher's children),
+# which checkpoint and exit 0, then wait for the launcher to finish.
+launch_forwarding_signals() {
+  "$@" &
+  local launcher=$! status=0
+  trap 'pkill -TERM -P '"$launcher"' || true' TERM
+  trap 'pkill -USR1 -P '"$launcher"' || true' USR1
+  while true; do
+    wait "$launcher" && status=0 || status=$?
+    kill -0 "$launcher" 2>/dev/null || break
+  done
+  trap - TERM USR1
+  exit "$status"
 }
 
 demo() {

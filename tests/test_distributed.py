@@ -1,0 +1,284 @@
+"""Distributed training with real processes: 2 CPU ranks over gloo, launched the way users launch.
+
+One 2-process run (accelerate launch with accelerate_configs/cpu.yaml) is shared by several tests;
+a helper script runs the real `SnacTrainer` in it and records, per rank, the sampler's batches, every
+file write, and the final weights. Other tests go through launch.sh itself (multi-node on loopback,
+SIGTERM) or through a bare `--multi_gpu` launch that the trainer must refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+STEPS = 12  # one epoch of the 36 demo clips is 9 steps of 2 x 2: the run crosses an epoch boundary
+TIMEOUT = 600
+
+HELPER = r'''
+import json, os, sys
+from pathlib import Path
+
+import torch
+import accelerate.utils.other
+import snac_accel.trainer as trainer_lib
+from snac_accel import data as data_lib
+from snac_accel.config import TrainConfig
+from tests.conftest import tiny_config
+
+out, steps, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+batches, writes = [], []
+
+real_iter = data_lib.EpochBatchSampler.__iter__
+def recording_iter(self):
+    for keys in real_iter(self):
+        batches.append([list(k) for k in keys])
+        yield keys
+data_lib.EpochBatchSampler.__iter__ = recording_iter
+
+def recorded(kind, fn, path_arg):
+    def wrapper(*args, **kwargs):
+        writes.append([kind, str(args[path_arg])])
+        return fn(*args, **kwargs)
+    return wrapper
+
+real_torch_save = torch.save
+torch.save = recorded("torch.save", torch.save, 1)
+accelerate.utils.other.safe_save_file = recorded("safetensors", accelerate.utils.other.safe_save_file, 1)
+trainer_lib.save_pretrained = recorded("export", trainer_lib.save_pretrained, 1)
+TrainConfig.save = recorded("config", TrainConfig.save, 1)
+
+config = tiny_config(out / "run", train_batch_size=batch, segment_seconds=0.25, max_train_steps=steps,
+                     checkpointing_steps=steps // 2, max_validation_clips=2, validation_seconds=0.5,
+                     validation_steps=0)
+config.apply_dataset_preset()
+config.validate()
+trainer = trainer_lib.SnacTrainer(config)
+trainer.fit()
+rank = trainer.accelerator.process_index
+real_torch_save({"generator": trainer.unwrapped_generator.state_dict(),
+                 "discriminator": trainer.accelerator.unwrap_model(trainer.discriminator).state_dict()},
+                out / f"rank{rank}.pt")
+(out / f"rank{rank}.json").write_text(json.dumps(
+    {"num_processes": trainer.accelerator.num_processes, "batches": batches, "writes": writes}))
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "SLURM_")) and k not in {"NNODES", "NODE_RANK", "MASTER_ADDR",
+                                                                       "MASTER_PORT", "WORLD_SIZE", "RANK"}}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.CompletedProcess:
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=TIMEOUT)
+    return done
+
+
+def tail(log: Path, n: int = 4000) -> str:
+    return log.read_text()[-n:]
+
+
+def training_options(output_dir: Path, steps: int, **extra) -> list[str]:
+    options = dict(preset="tiny", train_data_dir=str(ROOT / "snac_accel" / "demo_data" / "train"),
+                   output_dir=str(output_dir), train_batch_size=2, segment_seconds=0.25, max_train_steps=steps,
+                   report_to="none", dataloader_num_workers=0, model_noise=False, seed=0, checkpointing_steps=0,
+                   mixed_precision="no")
+    options.update(extra)
+    return [item for key, value in options.items() for item in (f"--{key}", str(value))]
+
+
+@pytest.fixture(scope="module")
+def helper(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("helper") / "helper.py"
+    path.write_text(HELPER)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, helper) -> Path:
+    """2 processes x batch 2 through accelerate_configs/cpu.yaml."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    log = out / "log.txt"
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+           "--main_process_port", str(free_port()), str(helper), str(out), str(STEPS), "2"]
+    done = run(cmd, child_env(ACCELERATE_USE_CPU="1"), log)
+    assert done.returncode == 0, tail(log)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, helper) -> Path:
+    """1 process x batch 4, the same helper without a launcher."""
+    out = tmp_path_factory.mktemp("one_rank")
+    log = out / "log.txt"
+    done = run([sys.executable, str(helper), str(out), str(STEPS), "4"], child_env(), log)
+    assert done.returncode == 0, tail(log)
+    return out
+
+
+def load(folder: Path, rank: int) -> tuple[dict, dict]:
+    return (torch.load(folder / f"rank{rank}.pt", weights_only=True),
+            json.loads((folder / f"rank{rank}.json").read_text()))
+
+
+def test_ranks_hold_identical_weights(two_ranks):
+    (w0, info0), (w1, info1) = load(two_ranks, 0), load(two_ranks, 1)
+    assert info0["num_processes"] == info1["num_processes"] == 2
+    for model in ("generator", "discriminator"):
+        assert w0[model].keys() == w1[model].keys()
+        for name, tensor in w0[model].items():
+            assert torch.equal(tensor, w1[model][name]), f"{model}.{name} differs between ranks"
+    # and training moved them since the mid-run checkpoint: not two copies of frozen weights
+    from safetensors.torch import load_file
+
+    middle = load_file(two_ranks / "run" / "checkpoints" / f"checkpoint_{STEPS // 2}" / "model.safetensors")
+    assert any(not torch.equal(middle[name], w0["generator"][name]) for name in middle)
+
+
+def test_no_sample_seen_by_two_ranks_within_an_epoch(two_ranks):
+    batches = {rank: load(two_ranks, rank)[1]["batches"] for rank in (0, 1)}
+    assert len(batches[0]) == len(batches[1]) == STEPS
+    epochs = {key[0] for rank in (0, 1) for batch in batches[rank] for key in batch}
+    assert epochs == {0, 1}
+    for epoch in epochs:
+        seen = [{key[1] for batch in batches[rank] for key in batch if key[0] == epoch} for rank in (0, 1)]
+        assert seen[0] and seen[1]
+        assert not seen[0] & seen[1], f"epoch {epoch}: clips {sorted(seen[0] & seen[1])} went to both ranks"
+    first_epoch = [{k[1] for b in batches[r] for k in b if k[0] == 0} for r in (0, 1)]
+    clips = len(list((ROOT / "snac_accel" / "demo_data" / "train").glob("*.flac")))
+    assert len(first_epoch[0] | first_epoch[1]) == clips // 4 * 4  # a whole epoch, the ragged tail dropped
+
+
+def test_two_ranks_of_batch_2_equal_one_rank_of_batch_4(two_ranks, one_rank):
+    (w2, info0), (_, info1) = load(two_ranks, 0), load(two_ranks, 1)
+    w4, single = load(one_rank, 0)
+    assert single["num_processes"] == 1
+    # the same clips per optimizer step: the two ranks' batches together are the single batch
+    for step, batch in enumerate(single["batches"]):
+        assert sorted(map(tuple, batch)) == sorted(map(tuple, info0["batches"][step] + info1["batches"][step]))
+    for model in ("generator", "discriminator"):
+        for name, tensor in w4[model].items():
+            if tensor.is_floating_point():
+                torch.testing.assert_close(w2[model][name], tensor, rtol=1e-3, atol=1e-4,
+                                           msg=lambda m, name=name: f"{model}.{name}: {m}")
+
+
+def test_only_main_process_writes(two_ranks):
+    writes = {rank: load(two_ranks, rank)[1]["writes"] for rank in (0, 1)}
+    # rank 1 writes its own RNG state (exact resume needs every rank's) and nothing else
+    assert writes[1], "rank 1 recorded no write at all: the recording is broken"
+    assert {Path(path).name for _, path in writes[1]} == {"random_states_1.pkl"}
+    kinds = {kind for kind, _ in writes[0]}
+    names = {Path(path).name for _, path in writes[0]}
+    assert {"export", "config", "safetensors"} <= kinds
+    assert {"model.safetensors", "model_1.safetensors", "random_states_0.pkl", "final"} <= names
+    checkpoints = two_ranks / "run" / "checkpoints"
+    assert {p.name for p in checkpoints.iterdir()} == {f"checkpoint_{STEPS // 2}", f"checkpoint_{STEPS}"}
+    assert {p.name for p in (checkpoints / f"checkpoint_{STEPS}").glob("random_states_*")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
+
+
+def test_two_process_checkpoint_resumes_in_one_process(two_ranks, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "resumed"
+    shutil.copytree(two_ranks / "run" / "checkpoints", out / "checkpoints")
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, "-m", "snac_accel.train",
+           *training_options(out, STEPS + 2, resume_from_checkpoint="latest", checkpointing_steps=STEPS + 2)]
+    done = run(cmd, child_env(), log)
+    assert done.returncode == 0, tail(log)
+    assert f"resumed from {out / 'checkpoints' / f'checkpoint_{STEPS}'} at step {STEPS}" in log.read_text()
+    resumed = load_file(out / "checkpoints" / f"checkpoint_{STEPS + 2}" / "model.safetensors")
+    before = load_file(out / "checkpoints" / f"checkpoint_{STEPS}" / "model.safetensors")
+    assert resumed.keys() == before.keys()
+    assert any(not torch.equal(resumed[k], before[k]) for k in before)
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_multi_gpu_without_cuda_or_cpu_flag_is_refused(tmp_path):
+    """`--multi_gpu` on a CPU machine without ACCELERATE_USE_CPU=1 would start 2 unsynchronised copies."""
+    log = tmp_path / "log.txt"
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "snac_accel.train", *training_options(tmp_path / "out", 2)]
+    done = run(cmd, child_env(), log)
+    assert done.returncode != 0
+    assert log.read_text().count("launched as 2 processes but accelerate formed a group of 1") == 2
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_two_machines_on_loopback_through_launch_sh(tmp_path):
+    """launch.sh twice, as machine 0 and machine 1 of a 2-machine job with the multi_node config."""
+    out, port = tmp_path / "out", free_port()
+    procs, logs = [], []
+    for node_rank in (0, 1):
+        env = child_env(NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                        GPUS_PER_NODE="1", ACCELERATE_USE_CPU="1")
+        logs.append(tmp_path / f"machine{node_rank}.txt")
+        with open(logs[-1], "w") as f:
+            procs.append(subprocess.Popen(
+                ["bash", str(ROOT / "launch.sh"), "train", "--accelerate-config", "multi_node",
+                 *training_options(out, 3, checkpointing_steps=3)],
+                cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0], "\n----\n".join(tail(log) for log in logs)
+    checkpoint = out / "checkpoints" / "checkpoint_3"
+    # one random state per rank: the two machines formed one 2-process group
+    assert {p.name for p in checkpoint.glob("random_states_*")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_sigterm_to_launch_sh_checkpoints_and_exits_cleanly(tmp_path):
+    """The preemption path: SIGTERM to launch.sh (cpu config) reaches both trainers, which save and exit 0."""
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    env = child_env(MASTER_PORT=str(free_port()))
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["bash", str(ROOT / "launch.sh"), "train", "--accelerate-config", "cpu",
+                                 *training_options(out, 10_000)],
+                                cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while "training:" not in log.read_text() or "1/10000" not in log.read_text():
+            assert proc.poll() is None, tail(log)
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, tail(log)
+    checkpoints = list((out / "checkpoints").glob("checkpoint_*"))
+    assert len(checkpoints) == 1, tail(log)
+    step = int(checkpoints[0].name.split("_")[1])
+    assert 1 <= step < 10_000
+    assert {p.name for p in checkpoints[0].glob("random_states_*")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert not (out / "final").exists()
