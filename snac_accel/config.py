@@ -53,15 +53,21 @@ DISCRIMINATOR_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Data presets: where a practitioner's usual corpora live on the Hub and what their columns are.
+# LJ Speech and VCTK are loading-script repositories, which datasets >= 4 no longer runs: they are
+# read from the Hub's automatic Parquet conversion (revision refs/convert/parquet). Common Voice is
+# gated (accept its terms, then `hf auth login`); Mozilla has been moving it to its own Data
+# Collective, so this id may need replacing by a mirror.
+PARQUET_REVISION = "refs/convert/parquet"
 DATASET_PRESETS: dict[str, dict[str, Any]] = {
-    "ljspeech": dict(dataset_name="keithito/lj_speech", train_split="train", eval_split=None,
-                     audio_column="audio"),
+    "ljspeech": dict(dataset_name="keithito/lj_speech", dataset_config_name="main", dataset_revision=PARQUET_REVISION,
+                     train_split="train", eval_split=None, audio_column="audio"),
     "librispeech": dict(dataset_name="openslr/librispeech_asr", dataset_config_name="clean",
                         train_split="train.100", eval_split="validation", audio_column="audio"),
     "common_voice": dict(dataset_name="mozilla-foundation/common_voice_17_0", dataset_config_name="en",
-                         train_split="train", eval_split="validation", audio_column="audio"),
-    "vctk": dict(dataset_name="CSTR-Edinburgh/vctk", train_split="train", eval_split=None,
-                 audio_column="audio"),
+                         dataset_revision=PARQUET_REVISION, train_split="train", eval_split="validation",
+                         audio_column="audio"),
+    "vctk": dict(dataset_name="CSTR-Edinburgh/vctk", dataset_revision=PARQUET_REVISION, train_split="train",
+                 eval_split=None, audio_column="audio"),
     "demo": dict(train_data_dir=str(Path(__file__).parent / "demo_data" / "train"),
                  validation_data_dir=str(Path(__file__).parent / "demo_data" / "validation")),
 }
@@ -92,17 +98,23 @@ class TrainConfig:
 
     # Data
     dataset: Optional[str] = _choice("Dataset preset.", None, list(DATASET_PRESETS))
-    dataset_name: Optional[str] = _choice("Hub dataset id or a local dataset folder.", None)
+    dataset_name: Optional[str] = _choice(
+        "Hub dataset id or a local dataset folder (audiofolder, parquet, save_to_disk); several comma-separated.", None)
     dataset_config_name: Optional[str] = _choice("Hub dataset configuration.", None)
+    dataset_revision: Optional[str] = _choice("Hub dataset revision (branch, tag or commit).", None)
     train_split: str = _choice("Split used for training.", "train")
     eval_split: Optional[str] = _choice("Split used for validation.", None)
     audio_column: str = _choice("Column holding the audio.", "audio")
-    train_data_dir: Optional[str] = _choice("Folder of audio files for training (searched recursively).", None)
-    validation_data_dir: Optional[str] = _choice("Folder of audio files for validation.", None)
-    train_file: Optional[str] = _choice("CSV or JSONL manifest with a path column, for training.", None)
-    validation_file: Optional[str] = _choice("CSV or JSONL manifest for validation.", None)
+    train_data_dir: Optional[str] = _choice(
+        "Folder of audio files in any format FFmpeg reads, searched recursively; several comma-separated.", None)
+    validation_data_dir: Optional[str] = _choice("Folder(s) of audio files for validation.", None)
+    train_file: Optional[str] = _choice("CSV or JSONL manifest(s) with a path column, for training.", None)
+    validation_file: Optional[str] = _choice("CSV or JSONL manifest(s) for validation.", None)
     path_column: str = _choice("Manifest column that holds the file paths.", "path")
-    streaming: bool = _choice("Stream the dataset instead of downloading it whole.", False)
+    source_weights: Optional[str] = _choice(
+        "Comma-separated sampling weights of the training sources, in the order: Hub datasets, folders, "
+        "manifests (default: in proportion to their sizes).", None)
+    streaming: bool = _choice("Stream the dataset instead of downloading it whole (needs --max_train_steps).", False)
     shuffle_buffer_size: int = _choice("Shuffle buffer for streaming.", 1000)
     segment_seconds: float = _choice("Length of a training excerpt in seconds.", 1.0)
     validation_seconds: float = _choice("Length of a validation excerpt in seconds.", 2.0)
@@ -204,14 +216,27 @@ class TrainConfig:
         sources = [s for s in ("dataset_name", "train_data_dir", "train_file") if getattr(self, s)]
         if not sources:
             errors.append("no training data: give --dataset PRESET, --dataset_name, --train_data_dir or --train_file")
-        if self.train_data_dir and not Path(self.train_data_dir).is_dir():
-            errors.append(f"--train_data_dir {self.train_data_dir} is not a folder")
-        if self.validation_data_dir and not Path(self.validation_data_dir).is_dir():
-            errors.append(f"--validation_data_dir {self.validation_data_dir} is not a folder")
+        listed = {name: [p.strip() for p in (getattr(self, name) or "").split(",") if p.strip()]
+                  for name in ("dataset_name", "train_data_dir", "validation_data_dir", "train_file", "validation_file")}
+        for name in ("train_data_dir", "validation_data_dir"):
+            errors += [f"--{name} {path} is not a folder" for path in listed[name] if not Path(path).is_dir()]
         for name in ("train_file", "validation_file"):
-            path = getattr(self, name)
-            if path and not Path(path).is_file():
-                errors.append(f"--{name} {path} does not exist")
+            errors += [f"--{name} {path} does not exist" for path in listed[name] if not Path(path).is_file()]
+        if self.source_weights:
+            count = len(listed["dataset_name"]) + len(listed["train_data_dir"]) + len(listed["train_file"])
+            try:
+                weights = [float(w) for w in self.source_weights.split(",") if w.strip()]
+            except ValueError:
+                weights = []
+            if not weights or len(weights) != count or min(weights) < 0 or sum(weights) <= 0:
+                errors.append(f"--source_weights {self.source_weights} needs {count} non-negative numbers, one per "
+                              "training source (Hub datasets, then folders, then manifests)")
+        if self.streaming and self.max_train_steps is None:
+            errors.append("--streaming needs --max_train_steps (a stream has no known epoch length)")
+        if self.shuffle_buffer_size < 1:
+            errors.append("--shuffle_buffer_size must be at least 1")
+        if not 0.0 < self.max_bad_fraction <= 1.0:
+            errors.append("--max_bad_fraction must lie in (0, 1]")
         min_seconds = self.pad_multiple / self.sampling_rate
         if self.segment_samples < self.pad_multiple or self.segment_seconds < min_seconds:
             errors.append(f"--segment_seconds {self.segment_seconds} is shorter than the model's padding "

@@ -147,36 +147,40 @@ class SnacTrainer:
 
     def _build_data(self) -> None:
         config, acc = self.config, self.accelerator
-        train_source = data_lib.load_source(config, "train")
-        if train_source is None:
+        sources = data_lib.load_sources(config, "train")
+        if not sources:
             raise ConfigError("no training data source: give --dataset, --dataset_name, --train_data_dir or --train_file")
-        spec = data_lib.ExcerptSpec(
-            sample_rate=config.sampling_rate, length=config.segment_samples, short_clips=config.short_clips,
-            salience_threshold=config.salience_threshold, salience_retries=config.salience_retries,
-            target_loudness=config.target_loudness)
-        self.train_clips = data_lib.AudioClips(train_source, spec, seed=config.seed, train=True)
-        data_lib.check_source(self.train_clips, "training")
-        self.sampler = data_lib.EpochBatchSampler(len(self.train_clips), config.train_batch_size, seed=config.seed,
-                                                  num_replicas=acc.num_processes, rank=acc.process_index)
-        if len(self.sampler) == 0:
-            raise ConfigError(f"the training data has {len(self.train_clips)} clips, fewer than one batch of "
-                              f"{config.train_batch_size} per process; lower --train_batch_size")
+        names, train_sets = (list(x) for x in zip(*sources))
+        weights = data_lib.source_weights(config, len(sources))
+        spec = data_lib.train_spec(config)
         pin = acc.device.type == "cuda"
-        self.train_loader = data_lib.make_loader(self.train_clips, self.sampler, config.dataloader_num_workers, pin)
-        self.val_batch = None
-        val_source = data_lib.load_source(config, "validation")
-        if val_source is not None:
-            val_spec = data_lib.ExcerptSpec(
-                sample_rate=config.sampling_rate,
-                length=max(1, round(config.validation_seconds * config.sampling_rate / config.pad_multiple))
-                * config.pad_multiple,
-                short_clips="pad", salience_threshold=None, target_loudness=config.target_loudness)
-            val_clips = data_lib.AudioClips(val_source, val_spec, seed=config.seed, train=False)
-            data_lib.check_source(val_clips, "validation")
-            items = [val_clips[i] for i in range(min(len(val_clips), config.max_validation_clips))]
-            self.val_batch = data_lib.collate_clips(items)["audio"]
-        updates_per_epoch = max(1, len(self.sampler) // config.gradient_accumulation_steps)
-        self.max_steps = config.max_train_steps or config.num_train_epochs * updates_per_epoch
+        workers = config.dataloader_num_workers
+        if workers is None:
+            workers = data_lib.default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if config.streaming:
+            for name, stream in sources:
+                data_lib.check_stream(stream, name, spec)
+            clips = data_lib.StreamingClips(data_lib.mix_streams(train_sets, weights, config.seed), spec,
+                                            seed=config.seed, rank=acc.process_index, world_size=acc.num_processes,
+                                            shuffle_buffer_size=config.shuffle_buffer_size)
+            # Endless per process; its position (rows read per loader worker) goes into checkpoints.
+            self.train_loader = self.sampler = data_lib.StreamingLoader(
+                clips, config.train_batch_size, workers, pin, world_size=acc.num_processes)
+            acc.register_for_checkpointing(self.train_loader)
+            self.max_steps = config.max_train_steps
+        else:
+            self.train_clips = data_lib.AudioClips(train_sets, spec, seed=config.seed, train=True, weights=weights,
+                                                   names=names)
+            data_lib.check_source(self.train_clips, "training")
+            self.sampler = data_lib.EpochBatchSampler(len(self.train_clips), config.train_batch_size, seed=config.seed,
+                                                      num_replicas=acc.num_processes, rank=acc.process_index)
+            if len(self.sampler) == 0:
+                raise ConfigError(f"the training data has {len(self.train_clips)} clips, fewer than one batch of "
+                                  f"{config.train_batch_size} per process; lower --train_batch_size")
+            self.train_loader = data_lib.make_loader(self.train_clips, self.sampler, workers, pin)
+            updates_per_epoch = max(1, len(self.sampler) // config.gradient_accumulation_steps)
+            self.max_steps = config.max_train_steps or config.num_train_epochs * updates_per_epoch
+        self.val_batch = data_lib.validation_batch(config)
 
     def _build_models(self) -> None:
         config = self.config
