@@ -1,0 +1,324 @@
+"""How good and how fast is a codec: ``python -m snac_accel.evaluate MODEL DATA``.
+
+MODEL is anything `snac_accel.hub.load_codec` reads (an export folder, a released SNAC folder or Hub
+id, a training checkpoint). DATA is anything the data pipeline reads: a folder of audio files, one
+audio file, a CSV/JSONL manifest, or a Hub dataset id / local dataset folder (with ``--split``).
+
+Every file is encoded and decoded whole (up to ``--max_seconds``), one at a time, so metrics are not
+diluted by padding. Per file: multi-scale mel distance, multi-scale STFT distance and SI-SDR, plus
+wide-band PESQ and STOI when the optional ``pesq`` / ``pystoi`` packages are installed (the ``eval``
+extra). Over the whole set: codebook usage and entropy per level, bitrate, and encode/decode
+real-time factors (seconds of compute per second of audio; below 1 is faster than real time).
+Unusable files are skipped, named once in the log and counted, as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator, Optional
+
+import datasets
+import torch
+from accelerate.logging import get_logger
+
+from . import data as data_lib
+from .hub import codec_rates, ensure_accelerate_state, load_codec
+from .losses import MultiScaleMelLoss, MultiScaleSTFTLoss
+
+logger = get_logger(__name__)
+
+PESQ_RATE = 16000  # wide-band PESQ is defined at 16 kHz
+
+
+def _codec_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The fields the rates need, from a `SnacGenerator` or a plain `snac.SNAC`."""
+    return {"sampling_rate": int(model.sampling_rate), "encoder_rates": list(model.encoder_rates),
+            "vq_strides": list(model.vq_strides), "codebook_size": int(model.codebook_size)}
+
+
+def open_source(data: str, sample_rate: int, split: str = "test", dataset_config_name: Optional[str] = None,
+                audio_column: str = "audio", path_column: str = "path", streaming: bool = False) -> Any:
+    """A dataset with one decoded `audio` column at ``sample_rate``, through `snac_accel.data`."""
+    path = Path(data)
+    if path.is_file() and path.suffix.lower() in data_lib.AUDIO_EXTENSIONS:
+        return data_lib.audio_dataset_from_files([str(path)], sample_rate)
+    has_audio_files = path.is_dir() and any(
+        p.suffix.lower() in data_lib.AUDIO_EXTENSIONS for p in path.rglob("*") if p.is_file())
+    config = SimpleNamespace(
+        train_data_dir=str(path) if has_audio_files else None,
+        train_file=str(path) if path.is_file() else None,
+        dataset_name=None if has_audio_files or path.is_file() else data,
+        dataset_config_name=dataset_config_name, train_split=split, audio_column=audio_column,
+        path_column=path_column, streaming=streaming, sampling_rate=sample_rate)
+    return data_lib.load_source(config, "train")
+
+
+def rows(source: Any) -> Iterator[tuple[str, Any]]:
+    """(name, decoder) per row; a row that cannot even be read yields its exception instead."""
+    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+        for index, row in enumerate(source):
+            yield f"row {index}", row["audio"]
+        return
+    try:  # the files' names, read once without decoding anything
+        raw = source.with_format(None).cast_column("audio", datasets.Audio(decode=False))
+    except Exception:
+        raw = None
+    for index in range(len(source)):
+        name = f"row {index}"
+        try:
+            if raw is not None:
+                name = raw[index]["audio"].get("path") or name
+            yield name, source[index]["audio"]
+        except Exception as err:  # decoding is lazy, but a missing file can fail here already
+            yield name, err
+
+
+def load_clip(decoder: Any, sample_rate: int, max_samples: int, target_loudness: Optional[float]
+          ) -> tuple[Optional[torch.Tensor], str]:
+    """A whole file (up to ``max_samples``) as [1, 1, T], or None and why it is unusable."""
+    if isinstance(decoder, Exception):
+        return None, f"cannot be read ({type(decoder).__name__}: {str(decoder).splitlines()[0][:120]})"
+    try:
+        clip = data_lib.decode_excerpt(decoder, max_samples, sample_rate, None)
+    except Exception as err:  # torchcodec/FFmpeg raise many types for truncated or non-audio input
+        return None, f"cannot be decoded ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    if clip.audio is None:
+        return None, clip.problem
+    if clip.audio.abs().max() < data_lib.SILENCE_PEAK:
+        return None, "silent"
+    audio = data_lib.normalize_loudness(clip.audio, sample_rate, target_loudness)
+    return audio.reshape(1, 1, -1), ""
+
+
+def _speech_metrics(mode: Optional[bool]) -> dict[str, bool]:
+    """Which of PESQ / STOI to compute: None = those whose package is installed."""
+    available = {"pesq": importlib.util.find_spec("pesq") is not None,
+                 "stoi": importlib.util.find_spec("pystoi") is not None}
+    if mode is False:
+        return {"pesq": False, "stoi": False}
+    if mode is True and not all(available.values()):
+        missing = [pkg for name, pkg in (("pesq", "pesq"), ("stoi", "pystoi")) if not available[name]]
+        raise ImportError(f"speech metrics need {', '.join(missing)}: pip install 'snac-accel[eval]'")
+    return available
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Running:
+    """Mean of each metric over the clips that produced it."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, value: float) -> None:
+        if math.isfinite(value):
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, source: Any, max_clips: Optional[int] = None, max_seconds: float = 30.0,
+             target_loudness: Optional[float] = None, speech_metrics: Optional[bool] = None, timing: bool = True,
+             seed: int = 0) -> dict[str, Any]:
+    """Metrics of ``model`` (a `snac.SNAC`) over ``source`` (rows with a decoded `audio` column).
+
+    ``target_loudness`` (LUFS) normalises each file first, as training does; None keeps the data's
+    level. The decoder's noise is re-seeded per file, so two runs give the same numbers.
+    """
+    from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
+
+    ensure_accelerate_state()
+    model.eval()
+    device = next(model.parameters()).device
+    config = _codec_config(model)
+    sample_rate, hop, strides, size = (config["sampling_rate"], math.prod(config["encoder_rates"]),
+                                       config["vq_strides"], config["codebook_size"])
+    mel_loss = MultiScaleMelLoss(sample_rate).to(device)
+    stft_loss = MultiScaleSTFTLoss().to(device)
+    speech = _speech_metrics(speech_metrics)
+    bad = data_lib.BadFileTracker(max_fraction=1.0)
+    counts = [torch.zeros(size, dtype=torch.long) for _ in strides]
+    running, files = _Running(), []
+    seconds_total = encode_seconds = decode_seconds = 0.0
+    warmed_up = not timing
+    max_samples = int(max_seconds * sample_rate)
+
+    for name, decoder in rows(source):
+        if max_clips is not None and len(files) >= max_clips:
+            break
+        real, problem = load_clip(decoder, sample_rate, max_samples, target_loudness)
+        if real is None:
+            bad.update([f"{name}: {problem}"], 0)
+            continue
+        real = real.to(device)
+        length = real.shape[-1]
+        if not warmed_up:  # first calls pay for allocations and kernel choice: keep them out of the RTF
+            model.decode(model.encode(real))
+            warmed_up = True
+        torch.manual_seed(seed)
+        _sync(device)
+        start = time.perf_counter()
+        codes = model.encode(real)
+        _sync(device)
+        middle = time.perf_counter()
+        fake = model.decode(codes)[..., :length]
+        _sync(device)
+        end = time.perf_counter()
+        seconds = length / sample_rate
+        seconds_total += seconds
+        encode_seconds += middle - start
+        decode_seconds += end - middle
+        for level, (level_codes, stride) in enumerate(zip(codes, strides)):
+            frames = math.ceil(length / (hop * stride))  # the padding's tokens are not the file's
+            counts[level] += torch.bincount(level_codes[0, :frames].flatten().cpu(), minlength=size)
+
+        row = {"name": name, "samples": length, "seconds": round(seconds, 4),
+               "mel_distance": mel_loss(fake, real).item(), "stft_distance": stft_loss(fake, real).item(),
+               "si_sdr": scale_invariant_signal_distortion_ratio(fake.float(), real.float()).mean().item()}
+        row.update(_speech_scores(fake, real, sample_rate, speech))
+        for key, value in row.items():
+            if key not in ("name", "samples", "seconds"):
+                running.add(key, value)
+        files.append(row)
+
+    if not files:
+        raise data_lib.DataError(f"no usable audio among the files evaluated ({bad.total} unusable, e.g. "
+                                 + "; ".join(sorted(bad.seen)[:3]) + ")")
+    rates = codec_rates(config)
+    levels = []
+    for level, (level_counts, stride, rate) in enumerate(zip(counts, strides, rates["tokens_per_second"])):
+        total = int(level_counts.sum())
+        p = level_counts[level_counts > 0].double() / max(total, 1)
+        entropy = float(-(p * p.log2()).sum())
+        levels.append({"level": level, "stride": stride, "tokens_per_second": rate, "tokens": total,
+                       "used_codes": int((level_counts > 0).sum()), "usage": float((level_counts > 0).float().mean()),
+                       "entropy_bits": entropy, "perplexity": 2 ** entropy})
+    result = {
+        "clips": len(files), "audio_seconds": seconds_total, "bad_files": bad.total,
+        "bad_examples": sorted(bad.seen)[:20], "sample_rate": sample_rate,
+        "metrics": running.means(),
+        "bitrate": {**rates, "entropy_bound_bps": sum(lv["tokens_per_second"] * lv["entropy_bits"] for lv in levels)},
+        "codebooks": levels,
+        "settings": {"max_seconds": max_seconds, "target_loudness": target_loudness, "seed": seed,
+                     "speech_metrics": [k for k, v in speech.items() if v]},
+        "files": files,
+    }
+    if timing:
+        result["speed"] = {"device": str(device), "threads": torch.get_num_threads(),
+                           "encode_rtf": encode_seconds / seconds_total, "decode_rtf": decode_seconds / seconds_total,
+                           "codec_rtf": (encode_seconds + decode_seconds) / seconds_total}
+    return result
+
+
+def _speech_scores(fake: torch.Tensor, real: torch.Tensor, sample_rate: int, speech: dict[str, bool]
+                   ) -> dict[str, float]:
+    """Wide-band PESQ and STOI of one file; a file the metric rejects (no speech found) gets none."""
+    import torchaudio
+
+    scores: dict[str, float] = {}
+    fake, real = fake.float().reshape(-1).cpu(), real.float().reshape(-1).cpu()
+    if speech["pesq"]:
+        from torchmetrics.functional.audio import perceptual_evaluation_speech_quality
+
+        try:
+            f16, r16 = (torchaudio.functional.resample(x, sample_rate, PESQ_RATE) for x in (fake, real))
+            scores["pesq_wb"] = float(perceptual_evaluation_speech_quality(f16, r16, PESQ_RATE, "wb"))
+        except Exception as err:  # pesq raises for clips without an utterance
+            logger.debug(f"PESQ skipped: {err}")
+    if speech["stoi"]:
+        from torchmetrics.functional.audio import short_time_objective_intelligibility
+
+        try:
+            scores["stoi"] = float(short_time_objective_intelligibility(fake, real, sample_rate))
+        except Exception as err:
+            logger.debug(f"STOI skipped: {err}")
+    return scores
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The summary a person reads; the JSON holds everything, per file too."""
+    lines = [f"{result['clips']} clips, {result['audio_seconds']:.1f} s of audio, "
+             f"{result['bad_files']} unusable files skipped", "", f"{'metric':<28}{'value':>12}"]
+    names = {"mel_distance": "mel distance (lower better)", "stft_distance": "STFT distance (lower better)",
+             "si_sdr": "SI-SDR dB (higher better)", "pesq_wb": "PESQ wide-band", "stoi": "STOI"}
+    for key, value in result["metrics"].items():
+        lines.append(f"{names.get(key, key):<28}{value:>12.4f}")
+    rate = result["bitrate"]
+    lines.append(f"{'bitrate kbps':<28}{rate['bitrate_bps'] / 1000:>12.3f}")
+    lines.append(f"{'entropy bound kbps':<28}{rate['entropy_bound_bps'] / 1000:>12.3f}")
+    if "speed" in result:
+        speed = result["speed"]
+        lines.append(f"{'encode RTF':<28}{speed['encode_rtf']:>12.4f}")
+        lines.append(f"{'decode RTF':<28}{speed['decode_rtf']:>12.4f}")
+    lines += ["", f"{'level':<7}{'stride':>7}{'tokens/s':>10}{'used':>8}{'usage':>8}{'entropy':>9}{'perplexity':>12}"]
+    for lv in result["codebooks"]:
+        lines.append(f"{lv['level']:<7}{lv['stride']:>7}{lv['tokens_per_second']:>10.2f}{lv['used_codes']:>8}"
+                     f"{lv['usage']:>8.3f}{lv['entropy_bits']:>9.3f}{lv['perplexity']:>12.1f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m snac_accel.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="export folder, released SNAC folder or Hub id, or a training checkpoint")
+    parser.add_argument("data", help="audio folder or file, CSV/JSONL manifest, or a Hub dataset id / folder")
+    parser.add_argument("--split", default="test", help="split of a Hub dataset (default: test)")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--audio_column", default="audio")
+    parser.add_argument("--path_column", default="path", help="manifest column holding file paths")
+    parser.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")
+    parser.add_argument("--max_clips", type=int, default=None, help="evaluate at most this many usable files")
+    parser.add_argument("--max_seconds", type=float, default=30.0, help="cut longer files to this length")
+    parser.add_argument("--target_loudness", type=float, default=None,
+                        help="normalise each file to this LUFS first (training uses -16); default keeps the level")
+    parser.add_argument("--speech_metrics", choices=["auto", "on", "off"], default="auto",
+                        help="PESQ and STOI: auto computes them when pesq / pystoi are installed")
+    parser.add_argument("--use_ema", action="store_true", help="with a training checkpoint: its EMA weights")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_json", default="eval_results.json", help="where the full results go")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import logging
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ensure_accelerate_state()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = load_codec(args.model, device=device, use_ema=args.use_ema)
+        source = open_source(args.data, int(model.sampling_rate), args.split, args.dataset_config_name,
+                             args.audio_column, args.path_column, args.streaming)
+        result = evaluate(model, source, max_clips=args.max_clips, max_seconds=args.max_seconds,
+                          target_loudness=args.target_loudness, seed=args.seed,
+                          speech_metrics={"auto": None, "on": True, "off": False}[args.speech_metrics])
+    except (OSError, ValueError, ImportError, RuntimeError) as err:
+        sys.stderr.write(f"error: {type(err).__name__}: {err}\n")
+        return 1
+    result = {"model": args.model, "data": args.data, **result}
+    output = Path(args.output_json)
+    if output.parent != Path(""):
+        output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    sys.stdout.write(format_table(result) + f"\n\nfull results: {os.fspath(output)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

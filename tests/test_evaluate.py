@@ -1,0 +1,95 @@
+"""`snac_accel.evaluate`: metrics of a real codec on real files, broken files counted, the CLI's JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from snac_accel import evaluate as ev
+from snac_accel.hub import load_codec, save_pretrained
+from snac_accel.model import build_generator
+
+from .conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def validation(demo_dir):
+    return ev.open_source(str(demo_dir / "validation"), 24000)
+
+
+def test_trained_codec_beats_its_untrained_start_on_held_out_clips(trained_run, validation, tmp_path):
+    config = tiny_config(trained_run)
+    torch.manual_seed(config.seed)
+    untrained_dir = save_pretrained(build_generator(config.model_config), tmp_path / "untrained")
+    kwargs = dict(max_clips=4, max_seconds=1.5, timing=False)
+    before = ev.evaluate(load_codec(str(untrained_dir)), validation, **kwargs)
+    after = ev.evaluate(load_codec(str(trained_run / "final")), validation, **kwargs)
+    assert before["clips"] == after["clips"] == 4
+    assert after["metrics"]["mel_distance"] < before["metrics"]["mel_distance"], (before["metrics"], after["metrics"])
+    assert after["metrics"]["si_sdr"] > before["metrics"]["si_sdr"], (before["metrics"], after["metrics"])
+
+
+def _broken_set(demo_dir, folder):
+    """Two good clips, and three files training would skip: not audio, empty, silent."""
+    import soundfile
+
+    folder.mkdir()
+    good = sorted((demo_dir / "validation").glob("*.flac"))[:2]
+    for path in good:
+        shutil.copy(path, folder / path.name)
+    (folder / "garbage.wav").write_bytes(b"RIFF" + bytes(range(256)) * 8)
+    (folder / "empty.flac").write_bytes(b"")
+    soundfile.write(folder / "silent.wav", [0.0] * 24000, 24000)
+    return good
+
+
+def test_cli_skips_broken_files_and_reports_rates_usage_and_speed(trained_run, demo_dir, tmp_path, capsys):
+    good = _broken_set(demo_dir, tmp_path / "data")
+    output = tmp_path / "out" / "eval.json"
+    rc = ev.main([str(trained_run / "final"), str(tmp_path / "data"), "--output_json", str(output),
+                  "--max_seconds", "1.0"])
+    assert rc == 0
+    result = json.loads(output.read_text())
+    assert result["clips"] == 2 and result["bad_files"] == 3
+    assert {row["name"].rsplit("/", 1)[-1] for row in result["files"]} == {p.name for p in good}
+    problems = " ".join(result["bad_examples"])
+    for name in ("garbage.wav", "empty.flac", "silent.wav: silent"):
+        assert name in problems
+
+    rates = result["bitrate"]
+    assert rates["tokens_per_second"] == pytest.approx([24000 / 512 / s for s in (4, 2, 1)])
+    assert rates["bitrate_bps"] == pytest.approx(656.25)
+    frames = [sum(math.ceil(row["samples"] / (512 * s)) for row in result["files"]) for s in (4, 2, 1)]
+    assert [lv["tokens"] for lv in result["codebooks"]] == frames
+    for lv in result["codebooks"]:
+        assert 0 < lv["usage"] <= 1 and lv["used_codes"] == round(lv["usage"] * 256)
+        assert 0 <= lv["entropy_bits"] <= math.log2(min(lv["used_codes"], lv["tokens"])) + 1e-9
+    assert 0 < rates["entropy_bound_bps"] <= rates["bitrate_bps"]
+    assert result["speed"]["encode_rtf"] > 0 and result["speed"]["decode_rtf"] > 0
+    assert set(result["metrics"]) >= {"mel_distance", "stft_distance", "si_sdr"}
+
+    table = capsys.readouterr().out
+    assert "mel distance" in table and "SI-SDR" in table and "encode RTF" in table and str(output) in table
+
+
+def test_evaluation_is_repeatable_despite_decoder_noise(demo_dir, tmp_path):
+    from snac_accel.config import MODEL_PRESETS
+
+    torch.manual_seed(0)
+    folder = save_pretrained(build_generator({**MODEL_PRESETS["tiny"], "noise": True}), tmp_path / "noisy")
+    source = ev.open_source(str(sorted((demo_dir / "validation").glob("*.flac"))[0]), 24000)
+    runs = [ev.evaluate(load_codec(str(folder)), source, max_seconds=0.5, timing=False) for _ in range(2)]
+    assert runs[0]["metrics"] == runs[1]["metrics"] and runs[0]["clips"] == 1
+
+
+def test_speech_metrics_on_demand_need_their_packages(trained_run, demo_dir, tmp_path, capsys):
+    if ev._speech_metrics(None) == {"pesq": True, "stoi": True}:
+        pytest.skip("pesq and pystoi are installed here")
+    rc = ev.main([str(trained_run / "final"), str(demo_dir / "validation"), "--speech_metrics", "on",
+                  "--output_json", str(tmp_path / "x.json")])
+    assert rc == 1
+    assert "pip install 'snac-accel[eval]'" in capsys.readouterr().err
