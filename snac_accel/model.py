@@ -13,11 +13,17 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from accelerate.logging import get_logger
 from snac import SNAC
+from snac.layers import DecoderBlock, NoiseBlock
+
+logger = get_logger(__name__)
+
+TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -50,7 +56,17 @@ class SnacGenerator(SNAC):
         return int(self.hop_length) * math.lcm(self.vq_strides[0], self.attn_window_size or 1)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, GeneratorOutput]:
-        """Residual quantization with losses; same codes and z_q as `ResidualVectorQuantize.forward`."""
+        """Residual quantization with DAC's losses; same codes and z_q as `ResidualVectorQuantize.forward`.
+
+        Runs in float32 even under autocast: nearest-code search in half precision picks other codes
+        than inference in float32 would. With quantizer dropout (training only, as DAC), the first
+        ``int(B * quantizer_dropout)`` samples keep a random number of levels in [1, n_levels]; the
+        dropped levels add nothing to z_q and to the losses, whose batch mean still divides by B.
+        """
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._quantize(z.float())
+
+    def _quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, GeneratorOutput]:
         batch = z.shape[0]
         n_levels = len(self.quantizer.quantizers)
         active = torch.full((batch,), n_levels, device=z.device)
@@ -67,7 +83,7 @@ class SnacGenerator(SNAC):
             mask = (level < active).to(z.dtype)
             commitment.append((F.mse_loss(z_e, z_q.detach(), reduction="none").mean([1, 2]) * mask).mean())
             codebook.append((F.mse_loss(z_q, z_e.detach(), reduction="none").mean([1, 2]) * mask).mean())
-            z_q = z_e + (z_q - z_e).detach()
+            z_q = z_e + (z_q - z_e).detach()  # straight-through: the encoder gets the decoder's gradient
             z_q = vq.out_proj(z_q)
             if vq.stride > 1:
                 z_q = z_q.repeat_interleave(vq.stride, dim=-1)
@@ -91,6 +107,7 @@ class SnacGenerator(SNAC):
 
 
 def build_generator(config: dict[str, Any], quantizer_dropout: float = 0.0) -> SnacGenerator:
+    """A fresh generator from `snac.SNAC` constructor arguments (a preset or a config.json)."""
     return SnacGenerator(quantizer_dropout=quantizer_dropout, **config)
 
 
@@ -117,18 +134,42 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 def generator_from_pretrained(path_or_repo: str, quantizer_dropout: float = 0.0,
                               noise: Optional[bool] = None) -> SnacGenerator:
-    """Build a `SnacGenerator` from any SNAC folder or Hub id (ours or a released one)."""
+    """Build a `SnacGenerator` from any SNAC folder or Hub id (ours or a released one).
+
+    ``noise`` overrides the decoder's noise blocks. Adding or removing them shifts the indices of
+    the layers after them in each decoder block, so the weights are carried over layer by layer;
+    added noise blocks start with a zero gain (they add nothing until trained).
+    """
     folder = resolve_pretrained_folder(path_or_repo)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; is it a SNAC model folder?")
     config = json.loads(config_path.read_text())
-    if noise is not None:
-        config["noise"] = noise
     model = build_generator(config, quantizer_dropout)
-    # Switching the decoder's noise blocks on or off adds or drops their weights, nothing else.
-    model.load_state_dict(load_state_dict(folder), strict=noise is None)
+    model.load_state_dict(load_state_dict(folder), strict=True)
+    if noise is not None and bool(noise) != bool(model.config["noise"]):
+        target = build_generator({**config, "noise": noise}, quantizer_dropout)
+        copy_across_noise(model, target)
+        model = target
     return model
+
+
+@torch.no_grad()
+def copy_across_noise(source: SnacGenerator, target: SnacGenerator) -> None:
+    """Copy every weight of ``source`` into ``target``, which differs only in its noise blocks."""
+    target.encoder.load_state_dict(source.encoder.state_dict())
+    target.quantizer.load_state_dict(source.quantizer.state_dict())
+    for src_layer, dst_layer in zip(source.decoder.model, target.decoder.model, strict=True):
+        if not isinstance(src_layer, DecoderBlock):
+            dst_layer.load_state_dict(src_layer.state_dict())
+            continue
+        src_parts = [m for m in src_layer.block if not isinstance(m, NoiseBlock)]
+        dst_parts = [m for m in dst_layer.block if not isinstance(m, NoiseBlock)]
+        for a, b in zip(src_parts, dst_parts, strict=True):
+            b.load_state_dict(a.state_dict())
+        for block in dst_layer.block:
+            if isinstance(block, NoiseBlock):
+                block.linear.parametrizations.weight.original0.zero_()
 
 
 FREEZABLE = ("encoder", "quantizer", "decoder")
@@ -139,4 +180,120 @@ def freeze(model: SnacGenerator, parts: Optional[str]) -> None:
     if not parts:
         return
     for part in parts.split(","):
+        part = part.strip()
+        if part not in FREEZABLE:
+            raise ValueError(f"cannot freeze {part!r}; choose among {', '.join(FREEZABLE)}")
         getattr(model, part).requires_grad_(False)
+
+
+def code_counts(codes: Sequence[torch.Tensor], codebook_size: int, reduce: Optional[TensorFn] = None) -> torch.Tensor:
+    """How often each code occurs in the batch, [levels, codebook_size] float32.
+
+    ``reduce`` sums across processes (the trainer passes ``lambda t: accelerator.reduce(t, "sum")``);
+    one collective covers all levels.
+    """
+    counts = torch.stack([torch.bincount(c.flatten(), minlength=codebook_size) for c in codes]).float()
+    return reduce(counts) if reduce is not None else counts
+
+
+def codebook_statistics(codes: Sequence[torch.Tensor], codebook_size: int, reduce: Optional[TensorFn] = None,
+                        counts: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """Per level: share of the codebook used in the batch and the perplexity of the code histogram.
+
+    Perplexity is exp(entropy): the number of equally used codes that would give the same entropy
+    (codebook_size at best, 1 when one code takes everything). Pass ``counts`` from `code_counts`
+    to reuse an already reduced histogram. Values stay tensors: no device sync until logged.
+    """
+    if counts is None:
+        counts = code_counts(codes, codebook_size, reduce)
+    probs = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    usage = (counts > 0).float().mean(-1)
+    perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum(-1))
+    stats = {}
+    for level in range(counts.shape[0]):
+        stats[f"codebook/usage_level{level}"] = usage[level]
+        stats[f"codebook/perplexity_level{level}"] = perplexity[level]
+    return stats
+
+
+class DeadCodeRestarter:
+    """Re-seeds codes left unused for ``dead_steps`` optimizer steps from current encoder vectors.
+
+    Dead codes waste bits and never recover on their own (no encoder vector is near them, so the
+    codebook loss never moves them). Usage comes from cross-process-summed counts and the choice
+    from a generator seeded by (seed, step, level) over vectors gathered from every process, so
+    all replicas write the same rows and stay identical without a broadcast. Codebooks frozen with
+    ``requires_grad=False`` are left alone. Holds ``state_dict``/``load_state_dict`` for
+    ``accelerator.register_for_checkpointing``.
+    """
+
+    def __init__(self, n_levels: int, codebook_size: int, dead_steps: int, seed: int = 0) -> None:
+        if dead_steps < 1:
+            raise ValueError("dead_steps must be at least 1")
+        self.dead_steps = dead_steps
+        self.seed = seed
+        self.unused_steps = torch.zeros(n_levels, codebook_size, dtype=torch.long)
+        self.used = torch.zeros(n_levels, codebook_size, dtype=torch.bool)
+        self.restarted = torch.zeros(n_levels, dtype=torch.long)
+
+    def observe(self, counts: torch.Tensor) -> None:
+        """Record the codes used by one micro-batch; ``counts`` must already be summed across processes."""
+        self.used |= counts.detach().cpu() > 0
+
+    def generator(self, step: int, level: int) -> torch.Generator:
+        """The same CPU generator on every process for this (seed, step, level)."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1009 + level)
+
+    @torch.no_grad()
+    def step(self, model: SnacGenerator, latents: Sequence[torch.Tensor], step: int,
+             gather: Optional[TensorFn] = None, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, int]:
+        """Close one optimizer step: age unused codes and re-seed the dead ones; returns counts per level.
+
+        Call once per optimizer update on every process, after ``optimizer.step()``. ``latents`` are
+        `GeneratorOutput.latents` of the current batch ([B, D, T_level] per level); ``gather``
+        concatenates a tensor from all processes along dim 0 (``accelerator.gather``). Given the
+        optimizer, the Adam moments of re-seeded rows are zeroed so stale momentum does not drag
+        the new vectors away.
+        """
+        quantizers = model.quantizer.quantizers
+        if len(quantizers) != self.unused_steps.shape[0]:
+            raise ValueError(f"the model has {len(quantizers)} quantizer levels, the restarter tracks "
+                             f"{self.unused_steps.shape[0]}")
+        self.unused_steps = torch.where(self.used, 0, self.unused_steps + 1)
+        self.used.zero_()
+        logs = {}
+        for level, vq in enumerate(quantizers):
+            weight = vq.codebook.weight
+            dead = (self.unused_steps[level] >= self.dead_steps).nonzero().flatten()
+            logs[f"codebook/restarted_level{level}"] = int(dead.numel()) if weight.requires_grad else 0
+            if dead.numel() == 0 or not weight.requires_grad:
+                continue
+            z_e = latents[level].detach().contiguous()
+            if gather is not None:
+                z_e = gather(z_e)
+            candidates = z_e.transpose(1, 2).reshape(-1, z_e.shape[1])
+            generator = self.generator(step, level)
+            if candidates.shape[0] >= dead.numel():
+                pick = torch.randperm(candidates.shape[0], generator=generator)[:dead.numel()]
+            else:
+                pick = torch.randint(candidates.shape[0], (dead.numel(),), generator=generator)
+            rows = dead.to(weight.device)
+            weight[rows] = candidates[pick.to(candidates.device)].to(weight.dtype)
+            if optimizer is not None:
+                state = getattr(optimizer, "optimizer", optimizer).state.get(weight, {})
+                for value in state.values():
+                    if torch.is_tensor(value) and value.shape == weight.shape:
+                        value[rows] = 0
+            self.unused_steps[level, dead] = 0
+            self.restarted[level] += dead.numel()
+            logger.info(f"step {step}: re-seeded {dead.numel()} dead codes of level {level}", main_process_only=True)
+        return logs
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"unused_steps": self.unused_steps.clone(), "used": self.used.clone(),
+                "restarted": self.restarted.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.unused_steps = state["unused_steps"].clone()
+        self.used = state["used"].clone()
+        self.restarted = state["restarted"].clone()
