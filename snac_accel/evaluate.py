@@ -44,52 +44,55 @@ def _codec_config(model: torch.nn.Module) -> dict[str, Any]:
             "vq_strides": list(model.vq_strides), "codebook_size": int(model.codebook_size)}
 
 
-def open_source(data: str, sample_rate: int, split: str = "test", dataset_config_name: Optional[str] = None,
-                audio_column: str = "audio", path_column: str = "path", streaming: bool = False) -> Any:
-    """A dataset with one decoded `audio` column at ``sample_rate``, through `snac_accel.data`."""
+Sources = list[tuple[str, Any]]
+
+
+def open_source(data: str, split: str = "test", dataset_config_name: Optional[str] = None,
+                audio_column: str = "audio", path_column: str = "path", streaming: bool = False,
+                revision: Optional[str] = None) -> Sources:
+    """(name, dataset of undecoded audio rows) pairs for DATA, through `snac_accel.data.load_sources`."""
     path = Path(data)
     if path.is_file() and path.suffix.lower() in data_lib.AUDIO_EXTENSIONS:
-        return data_lib.audio_dataset_from_files([str(path)], sample_rate)
+        return [(str(path), data_lib.files_dataset([str(path)]))]
     has_audio_files = path.is_dir() and any(
         p.suffix.lower() in data_lib.AUDIO_EXTENSIONS for p in path.rglob("*") if p.is_file())
     config = SimpleNamespace(
         train_data_dir=str(path) if has_audio_files else None,
         train_file=str(path) if path.is_file() else None,
         dataset_name=None if has_audio_files or path.is_file() else data,
-        dataset_config_name=dataset_config_name, train_split=split, audio_column=audio_column,
-        path_column=path_column, streaming=streaming, sampling_rate=sample_rate)
-    return data_lib.load_source(config, "train")
+        dataset_config_name=dataset_config_name, dataset_revision=revision, train_split=split,
+        audio_column=audio_column, path_column=path_column, streaming=streaming)
+    sources = data_lib.load_sources(config, "train")
+    if not sources:
+        raise data_lib.DataError(f"{data} is not a source the data pipeline reads (audio folder or file, "
+                                 "CSV/JSONL manifest, Hub dataset id or dataset folder)")
+    return sources
+
+
+def _as_sources(source: Any) -> Sources:
+    if isinstance(source, list) and all(isinstance(item, tuple) for item in source):
+        return source
+    items = source if isinstance(source, (list, tuple)) else [source]
+    return [(f"source {i}", ds) for i, ds in enumerate(items)]
 
 
 def rows(source: Any) -> Iterator[tuple[str, Any]]:
-    """(name, decoder) per row; a row that cannot even be read yields its exception instead."""
-    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
-        for index, row in enumerate(source):
-            yield f"row {index}", row["audio"]
-        return
-    try:  # the files' names, read once without decoding anything
-        raw = source.with_format(None).cast_column("audio", datasets.Audio(decode=False))
-    except Exception:
-        raw = None
-    for index in range(len(source)):
-        name = f"row {index}"
-        try:
-            if raw is not None:
-                name = raw[index]["audio"].get("path") or name
-            yield name, source[index]["audio"]
-        except Exception as err:  # decoding is lazy, but a missing file can fail here already
-            yield name, err
+    """(file name, undecoded audio) per row of every source; nothing is decoded here."""
+    for source_name, ds in _as_sources(source):
+        for index, row in enumerate(data_lib.audio_column(ds)):
+            yield data_lib.row_name(row["audio"], f"{source_name} row {index}"), row["audio"]
 
 
-def load_clip(decoder: Any, sample_rate: int, max_samples: int, target_loudness: Optional[float]
-          ) -> tuple[Optional[torch.Tensor], str]:
-    """A whole file (up to ``max_samples``) as [1, 1, T], or None and why it is unusable."""
-    if isinstance(decoder, Exception):
-        return None, f"cannot be read ({type(decoder).__name__}: {str(decoder).splitlines()[0][:120]})"
+def load_clip(raw: Any, sample_rate: int, max_samples: int, target_loudness: Optional[float]
+              ) -> tuple[Optional[torch.Tensor], str]:
+    """A whole file (up to ``max_samples``, never padded) as [1, 1, T], or None and why it is unusable."""
+    feature = datasets.Audio(sampling_rate=sample_rate, num_channels=1)
     try:
-        clip = data_lib.decode_excerpt(decoder, max_samples, sample_rate, None)
+        if raw is None or isinstance(raw, dict) and not raw.get("bytes") and not raw.get("path"):
+            return None, "no audio in the row"
+        clip = data_lib.decode_excerpt(feature.decode_example(raw), max_samples, sample_rate, None)
     except Exception as err:  # torchcodec/FFmpeg raise many types for truncated or non-audio input
-        return None, f"cannot be decoded ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        return None, data_lib._reason(err)
     if clip.audio is None:
         return None, clip.problem
     if clip.audio.abs().max() < data_lib.SILENCE_PEAK:
@@ -135,7 +138,8 @@ class _Running:
 def evaluate(model: torch.nn.Module, source: Any, max_clips: Optional[int] = None, max_seconds: float = 30.0,
              target_loudness: Optional[float] = None, speech_metrics: Optional[bool] = None, timing: bool = True,
              seed: int = 0) -> dict[str, Any]:
-    """Metrics of ``model`` (a `snac.SNAC`) over ``source`` (rows with a decoded `audio` column).
+    """Metrics of ``model`` (a `snac.SNAC`) over ``source``: a dataset with an `audio` column (decoded
+    or not, map-style or streaming), a list of them, or `open_source`'s (name, dataset) pairs.
 
     ``target_loudness`` (LUFS) normalises each file first, as training does; None keeps the data's
     level. The decoder's noise is re-seeded per file, so two runs give the same numbers.
@@ -158,10 +162,10 @@ def evaluate(model: torch.nn.Module, source: Any, max_clips: Optional[int] = Non
     warmed_up = not timing
     max_samples = int(max_seconds * sample_rate)
 
-    for name, decoder in rows(source):
+    for name, raw in rows(source):
         if max_clips is not None and len(files) >= max_clips:
             break
-        real, problem = load_clip(decoder, sample_rate, max_samples, target_loudness)
+        real, problem = load_clip(raw, sample_rate, max_samples, target_loudness)
         if real is None:
             bad.update([f"{name}: {problem}"], 0)
             continue
@@ -278,6 +282,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("data", help="audio folder or file, CSV/JSONL manifest, or a Hub dataset id / folder")
     parser.add_argument("--split", default="test", help="split of a Hub dataset (default: test)")
     parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--revision", default=None, help="revision of a Hub dataset")
     parser.add_argument("--audio_column", default="audio")
     parser.add_argument("--path_column", default="path", help="manifest column holding file paths")
     parser.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")
@@ -303,8 +308,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = load_codec(args.model, device=device, use_ema=args.use_ema)
-        source = open_source(args.data, int(model.sampling_rate), args.split, args.dataset_config_name,
-                             args.audio_column, args.path_column, args.streaming)
+        source = open_source(args.data, args.split, args.dataset_config_name, args.audio_column,
+                             args.path_column, args.streaming, args.revision)
         result = evaluate(model, source, max_clips=args.max_clips, max_seconds=args.max_seconds,
                           target_loudness=args.target_loudness, seed=args.seed,
                           speech_metrics={"auto": None, "on": True, "off": False}[args.speech_metrics])

@@ -421,13 +421,14 @@ def _example_clip(train_config: Optional[TrainConfig], audio_file: Optional[str]
 
     try:
         if audio_file:
-            source = data_lib.audio_dataset_from_files([audio_file], sample_rate)
+            source = [(audio_file, data_lib.files_dataset([audio_file]))]
         elif train_config is not None:
-            source = data_lib.load_source(train_config, "validation") or data_lib.load_source(train_config, "train")
+            source = (data_lib.load_sources(train_config, "validation", streaming=False)
+                      or data_lib.load_sources(train_config, "train", streaming=False))
         else:
             return None
-        for attempt, (name, decoder) in enumerate(rows(source)):
-            audio, problem = load_clip(decoder, sample_rate, int(seconds * sample_rate), None)
+        for attempt, (name, raw) in enumerate(rows(source)):
+            audio, problem = load_clip(raw, sample_rate, int(seconds * sample_rate), None)
             if audio is not None:
                 return audio
             logger.warning(f"{name} unusable for the figure: {problem}")
@@ -474,10 +475,10 @@ def _card_metrics(model: SnacGenerator, info: dict[str, Any], train_config: Opti
     source = None
     if train_config is not None and evaluate_clips > 0:
         try:
-            source = data_lib.load_source(train_config, "validation")
+            source = data_lib.load_sources(train_config, "validation", streaming=False)
         except Exception as err:
             logger.warning(f"validation data unavailable for the card ({err})")
-    if source is not None:
+    if source:
         from .evaluate import evaluate
 
         result = evaluate(model, source, max_clips=evaluate_clips, max_seconds=train_config.validation_seconds,

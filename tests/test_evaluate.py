@@ -18,7 +18,7 @@ from .conftest import tiny_config
 
 @pytest.fixture(scope="module")
 def validation(demo_dir):
-    return ev.open_source(str(demo_dir / "validation"), 24000)
+    return ev.open_source(str(demo_dir / "validation"))
 
 
 def test_trained_codec_beats_its_untrained_start_on_held_out_clips(trained_run, validation, tmp_path):
@@ -81,7 +81,7 @@ def test_evaluation_is_repeatable_despite_decoder_noise(demo_dir, tmp_path):
 
     torch.manual_seed(0)
     folder = save_pretrained(build_generator({**MODEL_PRESETS["tiny"], "noise": True}), tmp_path / "noisy")
-    source = ev.open_source(str(sorted((demo_dir / "validation").glob("*.flac"))[0]), 24000)
+    source = ev.open_source(str(sorted((demo_dir / "validation").glob("*.flac"))[0]))
     runs = [ev.evaluate(load_codec(str(folder)), source, max_seconds=0.5, timing=False) for _ in range(2)]
     assert runs[0]["metrics"] == runs[1]["metrics"] and runs[0]["clips"] == 1
 

@@ -118,6 +118,7 @@ def ema_checkpoint(tmp_path_factory):
     optimizer = torch.optim.AdamW(generator.parameters())
     generator, optimizer = accelerator.prepare(generator, optimizer)
     ema = AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+    ema.update_parameters(generator)  # the first update copies; the second one averages
     with torch.no_grad():
         for p in generator.parameters():
             p.add_(0.1)
