@@ -73,6 +73,7 @@ def export_folder(model: SnacGenerator, folder: str | os.PathLike, info: Optiona
     """The whole Hub folder: weights, the spectrogram figure (when a clip is given) and the card."""
     info = dict(info or {})
     folder = save_pretrained(model, folder)
+    (folder / FIGURE_NAME).unlink(missing_ok=True)  # a re-export must not keep an older run's figure
     if example_audio is not None:
         try:
             info["figure"] = spectrogram_figure(model, example_audio, folder / FIGURE_NAME).name
