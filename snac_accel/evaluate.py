@@ -142,13 +142,22 @@ def evaluate(model: torch.nn.Module, source: Any, max_clips: Optional[int] = Non
     or not, map-style or streaming), a list of them, or `open_source`'s (name, dataset) pairs.
 
     ``target_loudness`` (LUFS) normalises each file first, as training does; None keeps the data's
-    level. The decoder's noise is re-seeded per file, so two runs give the same numbers.
+    level. The decoder's noise is re-seeded per file, so two runs give the same numbers. The model is
+    left in eval mode.
     """
-    from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
-
     ensure_accelerate_state()
     model.eval()
     device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG stays
+        return _evaluate(model, source, device, max_clips, max_seconds, target_loudness, speech_metrics, timing,
+                         seed)
+
+
+def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_clips: Optional[int],
+              max_seconds: float, target_loudness: Optional[float], speech_metrics: Optional[bool], timing: bool,
+              seed: int) -> dict[str, Any]:
+    from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
+
     config = _codec_config(model)
     sample_rate, hop, strides, size = (config["sampling_rate"], math.prod(config["encoder_rates"]),
                                        config["vq_strides"], config["codebook_size"])

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 import yaml
 from accelerate.logging import get_logger
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import DATASET_PRESETS, MODEL_PRESETS, TrainConfig
 from .model import (SnacGenerator, build_generator, generator_from_pretrained, load_state_dict,
