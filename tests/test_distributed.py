@@ -179,7 +179,8 @@ def test_two_ranks_of_batch_2_equal_one_rank_of_batch_4(two_ranks, one_rank):
     for model in ("generator", "discriminator"):
         for name, tensor in w4[model].items():
             if tensor.is_floating_point():
-                torch.testing.assert_close(w2[model][name], tensor, rtol=1e-3, atol=1e-4,
+                # observed 2e-5 after 12 steps; a run whose ranks saw only their own 2 clips is 6e-3 off
+                torch.testing.assert_close(w2[model][name], tensor, rtol=1e-5, atol=2e-4,
                                            msg=lambda m, name=name: f"{model}.{name}: {m}")
 
 
@@ -231,12 +232,25 @@ def test_multi_gpu_without_cuda_or_cpu_flag_is_refused(tmp_path):
 
 
 def test_two_machines_on_loopback_through_launch_sh(tmp_path):
-    """launch.sh twice, as machine 0 and machine 1 of a 2-machine job with the multi_node config."""
+    """launch.sh twice, as machine 0 and machine 1 of a 2-machine job with the multi_node config.
+
+    Machine 0 reads the generic variables (NNODES, NODE_RANK, MASTER_ADDR); machine 1 reads SLURM's
+    (SLURM_NNODES, SLURM_NODEID, the first host of SLURM_JOB_NODELIST through a stand-in scontrol).
+    """
     out, port = tmp_path / "out", free_port()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/usr/bin/env bash\n[[ "$*" == "show hostnames node[01-02]" ]] && printf "localhost\\nnode02\\n"\n')
+    scontrol.chmod(0o755)
+    machines = [
+        dict(NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1", GPUS_PER_NODE="1"),
+        dict(SLURM_NNODES="2", SLURM_NODEID="1", SLURM_JOB_NODELIST="node[01-02]", SLURM_GPUS_ON_NODE="1",
+             PATH=f"{bin_dir}:{os.environ['PATH']}"),
+    ]
     procs, logs = [], []
-    for node_rank in (0, 1):
-        env = child_env(NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                        GPUS_PER_NODE="1", ACCELERATE_USE_CPU="1")
+    for node_rank, variables in enumerate(machines):
+        env = child_env(MASTER_PORT=str(port), ACCELERATE_USE_CPU="1", **variables)
         logs.append(tmp_path / f"machine{node_rank}.txt")
         with open(logs[-1], "w") as f:
             procs.append(subprocess.Popen(
@@ -256,6 +270,14 @@ def test_two_machines_on_loopback_through_launch_sh(tmp_path):
     assert (out / "final" / "config.json").is_file()
 
 
+def test_multi_node_without_rendezvous_variables_is_refused(tmp_path):
+    log = tmp_path / "log.txt"
+    done = run(["bash", str(ROOT / "launch.sh"), "train", "--accelerate-config", "multi_node",
+                *training_options(tmp_path / "out", 2)], child_env(), log)
+    assert done.returncode == 2
+    assert "multi-node needs NNODES" in log.read_text()
+
+
 def test_sigterm_to_launch_sh_checkpoints_and_exits_cleanly(tmp_path):
     """The preemption path: SIGTERM to launch.sh (cpu config) reaches both trainers, which save and exit 0."""
     out, log = tmp_path / "out", tmp_path / "log.txt"
@@ -265,11 +287,7 @@ def test_sigterm_to_launch_sh_checkpoints_and_exits_cleanly(tmp_path):
                                  *training_options(out, 10_000)],
                                 cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while "training:" not in log.read_text() or "1/10000" not in log.read_text():
-            assert proc.poll() is None, tail(log)
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
+        wait_for_step(proc, log)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=120)
     finally:
@@ -282,3 +300,87 @@ def test_sigterm_to_launch_sh_checkpoints_and_exits_cleanly(tmp_path):
     assert 1 <= step < 10_000
     assert {p.name for p in checkpoints[0].glob("random_states_*")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert not (out / "final").exists()
+
+
+FAKE_SLURM = {
+    # one task per node, all on this machine; their pids are kept for scancel
+    "srun": """#!/usr/bin/env bash
+set -euo pipefail
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do
+  SLURM_NODEID=$node "$@" &
+  pids+=($!)
+  echo $! >> "$FAKE_SLURM_DIR/tasks"
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+""",
+    "scancel": """#!/usr/bin/env bash
+[[ "$1" == --signal=TERM ]] && kill -TERM $(cat "$FAKE_SLURM_DIR/tasks")
+""",
+    "scontrol": """#!/usr/bin/env bash
+case "$1 $2" in
+  "show hostnames") printf "localhost\\nnode02\\n" ;;
+  "requeue "*) echo "$2" >> "$FAKE_SLURM_DIR/requeued" ;;
+  *) exit 1 ;;
+esac
+""",
+}
+
+
+def test_slurm_script_checkpoints_requeues_and_resumes(tmp_path):
+    """The example batch script, with srun/scancel/scontrol stand-ins: 2 nodes on loopback; USR1 (the
+    time-limit warning) makes it checkpoint and requeue; the requeued run resumes and finishes."""
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    script = ROOT / "accelerate_configs" / "slurm_multi_node.sbatch"
+
+    def submit(log: Path, steps: int) -> subprocess.Popen:
+        (tmp_path / "tasks").unlink(missing_ok=True)
+        env = child_env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_DIR=str(tmp_path), SLURM_JOB_ID="4242",
+                        SLURM_NNODES="2", SLURM_JOB_NODELIST="node[01-02]", SLURM_GPUS_ON_NODE="1",
+                        SLURM_SUBMIT_DIR=str(ROOT), MASTER_PORT=str(free_port()), ACCELERATE_USE_CPU="1")
+        with open(log, "w") as f:
+            return subprocess.Popen(["bash", str(script), *training_options(out, steps)], cwd=tmp_path, env=env,
+                                    stdout=f, stderr=subprocess.STDOUT)
+
+    first_log = tmp_path / "first.txt"
+    job = submit(first_log, 10_000)
+    try:
+        wait_for_step(job, first_log)
+        job.send_signal(signal.SIGUSR1)
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert (tmp_path / "requeued").read_text().split() == ["4242"], tail(first_log)
+    checkpoints = list((out / "checkpoints").glob("checkpoint_*"))
+    assert len(checkpoints) == 1, tail(first_log)
+    step = int(checkpoints[0].name.split("_")[1])
+    assert {p.name for p in checkpoints[0].glob("random_states_*")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert not (out / "final").exists()
+
+    second_log = tmp_path / "second.txt"
+    job = submit(second_log, step + 1)
+    try:
+        assert job.wait(timeout=TIMEOUT) == 0, tail(second_log)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert f"at step {step}" in second_log.read_text()
+    assert (out / "checkpoints" / f"checkpoint_{step + 1}").is_dir()
+    assert (out / "final" / "config.json").is_file()
+
+
+def wait_for_step(proc: subprocess.Popen, log: Path) -> None:
+    """Until the first optimizer step is logged: the signal must land in the middle of training."""
+    deadline = time.monotonic() + TIMEOUT
+    while "1/10000" not in log.read_text():
+        assert proc.poll() is None, tail(log)
+        assert time.monotonic() < deadline, tail(log)
+        time.sleep(0.5)
