@@ -23,7 +23,11 @@ def _conv2d(*args, **kwargs) -> nn.Module:
 
 
 class PeriodDiscriminator(nn.Module):
-    """Looks at the waveform folded by one period: catches periodic artefacts (HiFi-GAN)."""
+    """Looks at the waveform folded by one period: catches periodic artefacts (HiFi-GAN, DAC's sizes).
+
+    The input is reflect-padded to a multiple of the period (DAC pads a whole extra period when
+    the length already is one; that row carries no new information and is left out here).
+    """
 
     def __init__(self, period: int, channels: int = 32, max_channels: int = 1024) -> None:
         super().__init__()
@@ -50,14 +54,18 @@ class PeriodDiscriminator(nn.Module):
 class BandedSTFTDiscriminator(nn.Module):
     """Complex STFT at one resolution, split into frequency bands with their own conv stacks (DAC).
 
-    Runs in float32 even under autocast: half-precision STFTs lose the quiet bands.
+    The STFT follows DAC's "match stride" framing: hop = window/4 and ceil(T / hop) frames, every
+    frame centred on a hop boundary. The whole path runs in float32 even under autocast: a
+    half-precision STFT loses the quiet bands, and its logits come back float32.
     """
 
-    def __init__(self, window_length: int, channels: int = 32, bands: Sequence[tuple[float, float]] = DEFAULT_BANDS,
-                 hop_factor: float = 0.25) -> None:
+    def __init__(self, window_length: int, channels: int = 32, bands: Sequence[tuple[float, float]] = DEFAULT_BANDS
+                 ) -> None:
         super().__init__()
+        if window_length % 4:
+            raise ValueError(f"STFT window {window_length} must be a multiple of 4 (hop = window / 4)")
         self.window_length = window_length
-        self.hop_length = int(window_length * hop_factor)
+        self.hop_length = window_length // 4
         n_bins = window_length // 2 + 1
         self.bands = [(int(lo * n_bins), int(hi * n_bins)) for lo, hi in bands]
         self.register_buffer("window", torch.hann_window(window_length), persistent=False)
@@ -74,11 +82,19 @@ class BandedSTFTDiscriminator(nn.Module):
         self.band_convs = nn.ModuleList(stack() for _ in self.bands)
         self.conv_post = _conv2d(channels, 1, (3, 3), (1, 1), padding=(1, 1))
 
+    def spectrogram(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 2 (re, im), frames, bins] float32 of audio [B, 1, T]; frames = ceil(T / hop)."""
+        x = x.float().reshape(x.shape[0], -1)
+        length, hop = x.shape[-1], self.hop_length
+        pad = (self.window_length - hop) // 2
+        x = F.pad(x[:, None], (pad, pad + (-length) % hop), mode="reflect")[:, 0]
+        spec = torch.stft(x, self.window_length, hop, window=self.window, center=True, pad_mode="reflect",
+                          return_complex=True)[..., 2:-2]
+        return torch.view_as_real(spec).permute(0, 3, 2, 1)
+
     def forward(self, x: torch.Tensor) -> FeatureMaps:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            spec = torch.stft(x.float().squeeze(1), self.window_length, self.hop_length, window=self.window,
-                              center=True, return_complex=True)
-            spec = torch.view_as_real(spec).permute(0, 3, 2, 1)  # [B, 2 (re, im), frames, bins]
+            spec = self.spectrogram(x)
             features, outputs = [], []
             for (lo, hi), convs in zip(self.bands, self.band_convs):
                 band = spec[..., lo:hi]
@@ -91,7 +107,10 @@ class BandedSTFTDiscriminator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """All sub-discriminators on DC-free, peak-normalised input (as DAC), one feature list each."""
+    """All sub-discriminators on DC-free, peak-normalised input (as DAC), one feature list each.
+
+    Order: one `PeriodDiscriminator` per period, then one `BandedSTFTDiscriminator` per window.
+    """
 
     def __init__(self, periods: Sequence[int] = (2, 3, 5, 7, 11), mpd_channels: int = 32,
                  mpd_max_channels: int = 1024, stft_windows: Sequence[int] = (2048, 1024, 512),
@@ -104,6 +123,7 @@ class Discriminator(nn.Module):
 
     @staticmethod
     def preprocess(x: torch.Tensor) -> torch.Tensor:
+        """Remove DC and peak-normalise to 0.8 per clip: loudness alone must not tell real from fake."""
         x = x - x.mean(dim=-1, keepdim=True)
         return 0.8 * x / (x.abs().amax(dim=-1, keepdim=True) + 1e-9)
 
