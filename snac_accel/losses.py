@@ -55,16 +55,29 @@ def _overlap_add(frames: torch.Tensor, window: torch.Tensor, hop: int, length: i
     return out[:, :length]
 
 
+def _adjoint_filterbank(fbank: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """fbank.T [n_mels, bins] with the DC (and Nyquist) rows doubled, for `_LogMelL1.backward`.
+
+    The adjoint of a one-sided rfft counts every bin twice (it and its mirror) except DC and
+    Nyquist, which have no mirror; the backward halves everything, so those two weigh double.
+    """
+    weights = torch.ones(fbank.shape[0], 1)
+    weights[0] = 2.0
+    if n_fft % 2 == 0:
+        weights[-1] = 2.0
+    return (fbank * weights).T.contiguous()
+
+
 class _LogMelL1(torch.autograd.Function):
     """L1 between log10 mel magnitudes of fake and real at one scale, with a hand-written backward.
 
     Autograd through a batched STFT would also differentiate the real half and walk the complex
-    abs and onesided-FFT graphs op by op; this backward covers the fake half only, in five passes.
+    abs and onesided-FFT graphs op by op; this backward covers the fake half only, in a few passes.
     """
 
     @staticmethod
     def forward(ctx: Any, fake: torch.Tensor, real: torch.Tensor, window: torch.Tensor, fbank: torch.Tensor,
-                hop: int, eps: float) -> torch.Tensor:
+                fbank_adjoint: torch.Tensor, hop: int, eps: float) -> torch.Tensor:
         batch = fake.shape[0]
         spec = _frames_spectrum(torch.cat([fake, real]), window, hop)
         mag = _magnitude(spec)
@@ -72,31 +85,27 @@ class _LogMelL1(torch.autograd.Function):
         diff = mel.clamp(min=eps).log10()
         diff = diff[:batch] - diff[batch:]
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(spec[:batch], mag[:batch], mel[:batch], diff.sign(), window, fbank)
+            ctx.save_for_backward(spec[:batch], mag[:batch], mel[:batch], diff.sign(), window, fbank_adjoint)
             ctx.hop, ctx.eps, ctx.length = hop, eps, fake.shape[-1]
         return diff.abs().mean()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        spec, mag, mel, sign, window, fbank = ctx.saved_tensors
+        spec, mag, mel, sign, window, fbank_adjoint = ctx.saved_tensors
         n_fft, pad, length = window.shape[0], window.shape[0] // 2, ctx.length
         # L1 mean -> log10 -> clamp (no gradient below eps, as torch.clamp).
         d_mel = sign * (grad / sign.numel())
         d_mel = torch.where(mel >= ctx.eps, d_mel / (mel.clamp(min=ctx.eps) * LN10), 0.0)
-        d_mag = d_mel @ fbank.T
-        # rfft's adjoint counts the mirrored bins: the DC and Nyquist bins have no mirror, so they
-        # weigh double against the 0.5 folded into the window below.
-        d_mag[..., 0] *= 2
-        if n_fft % 2 == 0:
-            d_mag[..., -1] *= 2
+        d_mag = d_mel @ fbank_adjoint
         d_spec = spec * (d_mag / mag).nan_to_num_(0.0, 0.0, 0.0)  # |z|' = z / |z|, 0 at 0 as torch.abs
+        # irfft without 1/n scaling doubles the mirrored bins: the 0.5 on the window undoes it.
         d_frames = torch.fft.irfft(d_spec, n=n_fft, norm="forward")
         d_padded = _overlap_add(d_frames, 0.5 * window, ctx.hop, length + 2 * pad)
         d_audio = d_padded[:, pad:pad + length].clone()
         d_audio[:, 1:pad + 1] += d_padded[:, :pad].flip(-1)
         d_audio[:, length - 1 - pad:length - 1] += d_padded[:, pad + length:].flip(-1)
-        return d_audio, None, None, None, None, None
+        return d_audio, None, None, None, None, None, None
 
 
 class MultiScaleMelLoss(nn.Module):
@@ -121,6 +130,7 @@ class MultiScaleMelLoss(nn.Module):
             fbank = torchaudio.functional.melscale_fbanks(
                 window // 2 + 1, f_min, f_max, mels, sample_rate, norm="slaney", mel_scale="slaney")
             self.register_buffer(f"fbank_{i}", fbank, persistent=False)
+            self.register_buffer(f"fbank_adjoint_{i}", _adjoint_filterbank(fbank, window), persistent=False)
             self.register_buffer(f"window_{i}", torch.hann_window(window), persistent=False)
 
     def log_mels(self, x: torch.Tensor, scale: int) -> torch.Tensor:
@@ -139,7 +149,8 @@ class MultiScaleMelLoss(nn.Module):
             loss = fake.new_zeros(())
             for scale, window_length in enumerate(self.window_lengths):
                 loss = loss + _LogMelL1.apply(fake, real, getattr(self, f"window_{scale}"),
-                                              getattr(self, f"fbank_{scale}"), window_length // 4, self.clamp_eps)
+                                              getattr(self, f"fbank_{scale}"), getattr(self, f"fbank_adjoint_{scale}"),
+                                              window_length // 4, self.clamp_eps)
         return loss
 
 
