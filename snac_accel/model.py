@@ -3,6 +3,8 @@
 `SnacGenerator` subclasses `snac.SNAC` without renaming a parameter, so its state dict loads into
 `snac.SNAC` unchanged. Its quantizer pass follows DAC: per level, in that level's projected space,
 commitment = MSE(z_e, sg(z_q)) and codebook = MSE(sg(z_e), z_q), with a straight-through estimator.
+`code_counts`/`codebook_statistics` give per-level usage and perplexity across processes, and
+`DeadCodeRestarter` re-seeds codes that stopped being used, identically on every process.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class GeneratorOutput:
+    """Everything one training step needs from the generator, in one object (DDP passes it through)."""
+
     audio: torch.Tensor  # [B, 1, T], trimmed to the input length
     codes: list[torch.Tensor]  # per level, [B, T_level]
     commitment_loss: torch.Tensor  # summed over levels
@@ -99,6 +103,7 @@ class SnacGenerator(SNAC):
         return z_q_total, stats
 
     def forward(self, audio_data: torch.Tensor) -> GeneratorOutput:  # type: ignore[override]
+        """Reconstruction of audio [B, 1, T] plus codes, VQ losses and latents (`snac.SNAC` returns a tuple)."""
         length = audio_data.shape[-1]
         z = self.encoder(self.preprocess(audio_data))
         z_q, out = self.quantize(z)

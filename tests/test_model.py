@@ -303,3 +303,65 @@ def test_dead_code_restarter_ages_codes_and_checkpoints_its_state():
     assert restored.unused_steps[:, :4].tolist() == [[0, 0, 1, 1]] * 3
     with pytest.raises(ValueError, match="levels"):
         DeadCodeRestarter(n_levels=2, codebook_size=256, dead_steps=3).step(model, latents, step=0)
+
+
+TWO_PROCESS_SCRIPT = r'''
+import json, sys
+import torch
+from accelerate import Accelerator
+from snac_accel.config import MODEL_PRESETS
+from snac_accel.model import DeadCodeRestarter, build_generator, code_counts, codebook_statistics
+
+accelerator = Accelerator(cpu=True)
+torch.manual_seed(0)
+model = build_generator({**MODEL_PRESETS["tiny"], "noise": False})
+generator = torch.Generator().manual_seed(100 + accelerator.process_index)  # each process its own batch
+audio = 0.1 * torch.randn(2, 1, 4096, generator=generator)
+with torch.no_grad():
+    out = model(audio)
+counts = code_counts(out.codes, 256, reduce=lambda t: accelerator.reduce(t, "sum"))
+stats = codebook_statistics(out.codes, 256, counts=counts)
+restarter = DeadCodeRestarter(3, 256, dead_steps=1, seed=3)
+restarter.observe(counts)
+logs = restarter.step(model, out.latents, step=5, gather=accelerator.gather)
+weights = accelerator.gather(torch.cat([vq.codebook.weight.detach().flatten() for vq in model.quantizer.quantizers])[None])
+codes = [accelerator.gather(c) for c in out.codes]
+latents = [accelerator.gather(z) for z in out.latents]
+if accelerator.is_main_process:
+    torch.save(dict(weights=weights, codes=codes, latents=latents, stats=stats, logs=logs,
+                    rows=[vq.codebook.weight.detach() for vq in model.quantizer.quantizers]), sys.argv[1])
+'''
+
+
+def test_two_processes_reduce_statistics_and_restart_identical_codes(tmp_path):
+    """gloo on CPU: summed histograms, gathered candidates, the same re-seeded rows on both replicas."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                    "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path / "out.pt")],
+                   check=True, env=env, timeout=600)
+    result = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert torch.equal(result["weights"][0], result["weights"][1])
+    expected = codebook_statistics(result["codes"], 256)
+    for key, value in expected.items():
+        torch.testing.assert_close(result["stats"][key], value)
+    for level, rows in enumerate(result["rows"]):
+        dead = torch.bincount(result["codes"][level].flatten(), minlength=256) == 0
+        assert result["logs"][f"codebook/restarted_level{level}"] == int(dead.sum()) > 0
+        candidates = result["latents"][level].transpose(1, 2).reshape(-1, rows.shape[1])
+        matches = (rows[dead][:, None] == candidates[None]).all(-1)  # [dead, candidates]
+        assert matches.any(-1).all()
+    # Candidates come from both processes' batches (the second half of the gathered latents is rank 1's).
+    first = result["latents"][0]
+    half = first.shape[0] // 2 * first.shape[-1]
+    picked = (result["rows"][0][:, None] == first.transpose(1, 2).reshape(-1, first.shape[1])[None]).all(-1)
+    assert picked[:, :half].any() and picked[:, half:].any()
