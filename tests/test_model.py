@@ -196,8 +196,8 @@ def test_decoder_only_fine_tune_keeps_the_starting_codes(tmp_path, demo_dir):
     start = tiny_model(seed=5)
     save_pretrained(start, tmp_path / "start")
     final = train(tiny_config(tmp_path / "run", init_from=str(tmp_path / "start"), freeze="encoder,quantizer",
-                              max_train_steps=3, checkpointing_steps=0, max_validation_clips=1,
-                              validation_seconds=0.25))
+                              max_train_steps=3, checkpointing_steps=0, train_batch_size=2, segment_seconds=0.25,
+                              max_validation_clips=1, validation_seconds=0.25))
     tuned = snac.SNAC.from_pretrained(str(final))
     start = snac.SNAC.from_pretrained(str(tmp_path / "start"))
     clip = audio_dataset_from_files(list_audio_files(demo_dir / "validation"), 24000)[0]["audio"]
