@@ -10,10 +10,11 @@ from snac_accel.losses import (MEL_BINS, MEL_WINDOWS, DiscriminatorLoss, Feature
                                GeneratorAdversarialLoss, MultiScaleMelLoss)
 
 
-def reference_mel_loss(fake: torch.Tensor, real: torch.Tensor, sample_rate: int) -> torch.Tensor:
+def reference_mel_loss(fake: torch.Tensor, real: torch.Tensor, sample_rate: int, bins=MEL_BINS,
+                       windows=MEL_WINDOWS) -> torch.Tensor:
     """DAC's mel loss spelled out: one torchaudio MelSpectrogram per scale, log10 clamp 1e-5, L1, summed."""
     loss = torch.zeros(())
-    for n_mels, window in zip(MEL_BINS, MEL_WINDOWS):
+    for n_mels, window in zip(bins, windows):
         mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate, n_fft=window, win_length=window, hop_length=window // 4, n_mels=n_mels,
             power=1.0, center=True, pad_mode="reflect", norm="slaney", mel_scale="slaney")
@@ -47,6 +48,18 @@ def test_mel_loss_and_its_gradient_match_per_scale_torchaudio(length):
     reference.backward()
     assert torch.isfinite(fake_ours.grad).all()
     assert (fake_ours.grad - fake_ref.grad).norm() / fake_ref.grad.norm() < 1e-4
+
+
+def test_mel_loss_with_odd_windows_and_windows_that_are_no_multiple_of_their_hop():
+    fake, real = clips(2, 6000)
+    fake.requires_grad_(True)
+    reference_fake = fake.detach().clone().requires_grad_(True)
+    ours = MultiScaleMelLoss(24000, n_mels=(8, 10, 24), window_lengths=(30, 33, 202))(fake, real)
+    reference = reference_mel_loss(reference_fake, real, 24000, bins=(8, 10, 24), windows=(30, 33, 202))
+    assert abs(ours.item() - reference.item()) / reference.item() < 1e-5
+    ours.backward()
+    reference.backward()
+    assert (fake.grad - reference_fake.grad).norm() / reference_fake.grad.norm() < 1e-4
 
 
 def test_mel_loss_is_zero_on_identical_audio_and_real_gets_no_gradient():
