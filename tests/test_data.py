@@ -184,6 +184,20 @@ def test_salient_excerpt_is_retried_out_of_silence(tmp_path):
     assert quiet_plain >= 3 and quiet_salient == 0
 
 
+def test_loudness_matches_torchaudio_and_normalisation_keeps_peaks_in_range():
+    import torchaudio
+
+    g = torch.Generator().manual_seed(0)
+    for rate in (16000, 24000, 44100):
+        for seconds, level in ((0.45, 0.05), (1.3, 0.3), (3.0, 0.5)):  # torchaudio clips its filtered signal at 1
+            audio = speech_like(rate, seconds, 200 + 2000 * float(torch.rand((), generator=g)), 1)[None] * level / 0.3
+            assert abs(D.loudness(audio, rate) - float(torchaudio.functional.loudness(audio, rate))) < 0.05
+    spiky = speech_like(RATE, 1.0, 300.0, 2)[None] * 0.01
+    spiky[0, 1000] = 0.9  # normalising to -16 LUFS would push this far beyond 1
+    out = D.normalize_loudness(spiky, RATE, -16.0)
+    assert out.abs().max() <= 1.0 and out.abs().max() > 0.99
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
