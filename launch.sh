@@ -4,6 +4,9 @@
 #   ./launch.sh setup           create/refresh .venv (seconds when nothing changed)
 #   ./launch.sh test [ARGS]     set up, then the test suite (pytest ARGS)
 #   ./launch.sh train [--accelerate-config NAME] [training options]
+#       NAME: a file of accelerate_configs/ (cpu, single_gpu, multi_gpu, multi_node); without it,
+#       one process. Multi-node reads NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE
+#       (or SLURM's variables); TERM and USR1 make the trainers checkpoint and exit 0.
 set -euo pipefail
 cd "$(dirname "$0")"
 
