@@ -1,0 +1,127 @@
+"""SnacTrainer's step against a bare PyTorch loop doing the same GAN step; memory growth over steps.
+
+    python benchmarks/trainer.py [--preset tiny] [--batch 4] [--seconds 0.5] [--steps 10] [--long 200]
+
+Both sides use the same generator, discriminator, losses, AdamW settings and batch; the bare loop
+has no accelerate, no accumulation context, no non-finite guard and no schedulers. Rounds alternate
+between the two so that a busy machine slows both alike. Target: ratio <= 1.05. Memory: peak
+resident set (CPU) or peak allocated (GPU) after 20 and after ``--long`` trainer steps; target
+growth < 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from snac_accel.config import TrainConfig  # noqa: E402
+from snac_accel.trainer import SnacTrainer, peak_memory_gb  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[1] / "snac_accel" / "demo_data"
+
+
+def bare_step(generator, discriminator, opt_g, opt_d, losses, config, real):
+    mel_loss, disc_loss, adv_loss, fm_loss = losses
+    out = generator(real)
+    fake = out.audio
+    loss_d = disc_loss(discriminator(real), discriminator(fake.detach()))
+    loss_d.backward()
+    torch.nn.utils.clip_grad_norm_(discriminator.parameters(), config.disc_max_grad_norm)
+    opt_d.step()
+    opt_d.zero_grad(set_to_none=True)
+    discriminator.requires_grad_(False)
+    with torch.no_grad():
+        d_real = discriminator(real)
+    d_fake = discriminator(fake)
+    loss_g = (config.mel_weight * mel_loss(fake, real) + config.commitment_weight * out.commitment_loss
+              + config.codebook_weight * out.codebook_loss + config.adversarial_weight * adv_loss(d_fake)
+              + config.feature_matching_weight * fm_loss(d_real, d_fake))
+    loss_g.backward()
+    discriminator.requires_grad_(True)
+    torch.nn.utils.clip_grad_norm_(generator.parameters(), config.max_grad_norm)
+    opt_g.step()
+    opt_g.zero_grad(set_to_none=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, steps: int, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timing round")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--long", type=int, default=200, help="trainer steps for the memory check")
+    parser.add_argument("--mixed_precision", default="no")
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(preset=args.preset, train_data_dir=str(DEMO / "train"), output_dir=tmp,
+                             train_batch_size=args.batch, segment_seconds=args.seconds, report_to="none",
+                             dataloader_num_workers=0, mixed_precision=args.mixed_precision)
+        trainer = SnacTrainer(config)
+        device = trainer.accelerator.device
+        trainer.sampler.set_epoch(0)
+        real = next(iter(trainer.train_loader))["audio"].to(device)
+
+        generator = copy.deepcopy(trainer.unwrapped_generator)
+        discriminator = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.discriminator))
+        betas = (config.adam_beta1, config.adam_beta2)
+        opt_g = torch.optim.AdamW(generator.parameters(), lr=config.learning_rate, betas=betas)
+        opt_d = torch.optim.AdamW(discriminator.parameters(), lr=config.learning_rate, betas=betas)
+        losses = (trainer.mel_loss, trainer.disc_loss, trainer.adv_loss, trainer.fm_loss)
+
+        def run_bare():
+            bare_step(generator, discriminator, opt_g, opt_d, losses, config, real)
+
+        def run_trainer():
+            trainer.train_step(real)
+
+        run_bare(), run_trainer()  # warm-up (allocator, autotuning)
+        bare, ours = [], []
+        for _ in range(args.rounds):
+            bare.append(timed(run_bare, args.steps, device))
+            ours.append(timed(run_trainer, args.steps, device))
+        t_bare, t_ours = statistics.median(bare), statistics.median(ours)
+        print(f"device: {device}, preset {args.preset}, batch {args.batch} x {args.seconds} s, "
+              f"{args.rounds} rounds of {args.steps} steps (median)")
+        print(f"bare PyTorch step: {t_bare * 1000:8.1f} ms")
+        print(f"SnacTrainer step:  {t_ours * 1000:8.1f} ms")
+        print(f"ratio trainer/bare: {t_ours / t_bare:.3f}  (target <= 1.05)")
+
+        done = 1 + args.rounds * args.steps
+        for _ in range(max(0, 20 - done)):
+            run_trainer()
+        at_20 = peak_memory_gb(device)
+        for _ in range(args.long - max(done, 20)):
+            run_trainer()
+        at_long = peak_memory_gb(device)
+        print(f"peak memory after 20 steps: {at_20:.3f} GiB, after {args.long}: {at_long:.3f} GiB, "
+              f"growth {100 * (at_long / at_20 - 1):.2f}%  (target < 5%)")
+
+
+if __name__ == "__main__":
+    main()
