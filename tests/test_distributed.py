@@ -2,8 +2,9 @@
 
 One 2-process run (accelerate launch with accelerate_configs/cpu.yaml) is shared by several tests;
 a helper script runs the real `SnacTrainer` in it and records, per rank, the sampler's batches, every
-file write, and the final weights. Other tests go through launch.sh itself (multi-node on loopback,
-SIGTERM) or through a bare `--multi_gpu` launch that the trainer must refuse.
+file write, the first update and the final weights. Other tests go through launch.sh itself
+(multi-node on loopback, signals), the example SLURM script (with srun/scancel/scontrol stand-ins),
+or a bare `--multi_gpu` launch that the trainer must refuse.
 """
 
 from __future__ import annotations
@@ -269,7 +270,8 @@ def test_two_machines_on_loopback_through_launch_sh(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text('#!/usr/bin/env bash\n[[ "$*" == "show hostnames node[01-02]" ]] && printf "localhost\\nnode02\\n"\n')
+    scontrol.write_text('#!/usr/bin/env bash\n'
+                        '[[ "$*" == "show hostnames node[01-02]" ]] && printf "localhost\\nnode02\\n"\n')
     scontrol.chmod(0o755)
     machines = [
         dict(NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1", GPUS_PER_NODE="1"),
