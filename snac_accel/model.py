@@ -251,14 +251,16 @@ class DeadCodeRestarter:
 
     @torch.no_grad()
     def step(self, model: SnacGenerator, latents: Sequence[torch.Tensor], step: int,
-             gather: Optional[TensorFn] = None, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, int]:
+             gather: Optional[TensorFn] = None, optimizer: Optional[torch.optim.Optimizer] = None
+             ) -> dict[str, torch.Tensor]:
         """Close one optimizer step: age unused codes and re-seed the dead ones; returns counts per level.
 
         Call once per optimizer update on every process, after ``optimizer.step()``. ``latents`` are
         `GeneratorOutput.latents` of the current batch ([B, D, T_level] per level); ``gather``
         concatenates a tensor from all processes along dim 0 (``accelerator.gather``). Given the
         optimizer, the Adam moments of re-seeded rows are zeroed so stale momentum does not drag
-        the new vectors away.
+        the new vectors away. Non-finite candidates are never used. Counts come back as 0-d
+        tensors, like the trainer's other logs.
         """
         quantizers = model.quantizer.quantizers
         if len(quantizers) != self.unused_steps.shape[0]:
@@ -270,13 +272,16 @@ class DeadCodeRestarter:
         for level, vq in enumerate(quantizers):
             weight = vq.codebook.weight
             dead = (self.unused_steps[level] >= self.dead_steps).nonzero().flatten()
-            logs[f"codebook/restarted_level{level}"] = int(dead.numel()) if weight.requires_grad else 0
+            logs[f"codebook/restarted_level{level}"] = torch.tensor(0)
             if dead.numel() == 0 or not weight.requires_grad:
                 continue
             z_e = latents[level].detach().contiguous()
             if gather is not None:
                 z_e = gather(z_e)
             candidates = z_e.transpose(1, 2).reshape(-1, z_e.shape[1])
+            candidates = candidates[torch.isfinite(candidates).all(-1)]
+            if candidates.shape[0] == 0:
+                continue
             generator = self.generator(step, level)
             if candidates.shape[0] >= dead.numel():
                 pick = torch.randperm(candidates.shape[0], generator=generator)[:dead.numel()]
@@ -291,6 +296,7 @@ class DeadCodeRestarter:
                         value[rows] = 0
             self.unused_steps[level, dead] = 0
             self.restarted[level] += dead.numel()
+            logs[f"codebook/restarted_level{level}"] = torch.tensor(dead.numel())
             logger.info(f"step {step}: re-seeded {dead.numel()} dead codes of level {level}", main_process_only=True)
         return logs
 

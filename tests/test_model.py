@@ -243,8 +243,8 @@ def restart_run(seed: int):
     gathered = []
     gather = lambda t: gathered.append(t) or t  # noqa: E731 - one process: the gather is the identity
     restarter.observe(counts)
-    assert restarter.step(model, out.latents, step=0, gather=gather, optimizer=optimizer) == {
-        f"codebook/restarted_level{level}": 0 for level in range(3)}
+    logs = restarter.step(model, out.latents, step=0, gather=gather, optimizer=optimizer)
+    assert {k: v.item() for k, v in logs.items()} == {f"codebook/restarted_level{level}": 0 for level in range(3)}
     before = {level: vq.codebook.weight.detach().clone() for level, vq in enumerate(model.quantizer.quantizers)}
     restarter.observe(counts)
     logs = restarter.step(model, out.latents, step=1, gather=gather, optimizer=optimizer)
@@ -256,7 +256,7 @@ def test_dead_codes_are_reseeded_from_batch_latents_reproducibly():
     assert len(gathered) == 3  # one gather per level with dead codes
     for level, vq in enumerate(model.quantizer.quantizers):
         dead = counts[level] == 0
-        assert logs[f"codebook/restarted_level{level}"] == int(dead.sum()) > 0
+        assert logs[f"codebook/restarted_level{level}"].item() == int(dead.sum()) > 0
         weight = vq.codebook.weight.detach()
         assert torch.equal(weight[~dead], before[level][~dead])
         candidates = out.latents[level].transpose(1, 2).reshape(-1, weight.shape[1])
@@ -296,13 +296,25 @@ def test_dead_code_restarter_ages_codes_and_checkpoints_its_state():
     assert restarter.unused_steps[:, :4].tolist() == [[1, 1, 0, 2]] * 3
     logs = restarter.step(model, latents, step=2)
     assert restarter.unused_steps[:, :4].tolist() == [[2, 2, 1, 3]] * 3
-    assert set(logs.values()) == {0}
+    assert {v.item() for v in logs.values()} == {0}
     assert all(torch.equal(vq.codebook.weight, w) for vq, w in zip(model.quantizer.quantizers, frozen))
     restored = DeadCodeRestarter(n_levels=3, codebook_size=256, dead_steps=3)
     restored.load_state_dict(state)
     assert restored.unused_steps[:, :4].tolist() == [[0, 0, 1, 1]] * 3
     with pytest.raises(ValueError, match="levels"):
         DeadCodeRestarter(n_levels=2, codebook_size=256, dead_steps=3).step(model, latents, step=0)
+
+
+def test_dead_codes_are_never_reseeded_from_non_finite_vectors():
+    model = tiny_model()
+    restarter = DeadCodeRestarter(n_levels=3, codebook_size=256, dead_steps=1)
+    latents = [torch.full((1, 8, 4), float("nan")) for _ in range(3)]
+    latents[1][0, :, 2] = torch.arange(8.0)
+    before = [vq.codebook.weight.detach().clone() for vq in model.quantizer.quantizers]
+    logs = restarter.step(model, latents, step=0)
+    assert logs["codebook/restarted_level0"].item() == 0 and logs["codebook/restarted_level1"].item() == 256
+    assert torch.equal(model.quantizer.quantizers[0].codebook.weight, before[0])
+    assert (model.quantizer.quantizers[1].codebook.weight == torch.arange(8.0)).all()
 
 
 TWO_PROCESS_SCRIPT = r'''
@@ -356,7 +368,7 @@ def test_two_processes_reduce_statistics_and_restart_identical_codes(tmp_path):
         torch.testing.assert_close(result["stats"][key], value)
     for level, rows in enumerate(result["rows"]):
         dead = torch.bincount(result["codes"][level].flatten(), minlength=256) == 0
-        assert result["logs"][f"codebook/restarted_level{level}"] == int(dead.sum()) > 0
+        assert result["logs"][f"codebook/restarted_level{level}"].item() == int(dead.sum()) > 0
         candidates = result["latents"][level].transpose(1, 2).reshape(-1, rows.shape[1])
         matches = (rows[dead][:, None] == candidates[None]).all(-1)  # [dead, candidates]
         assert matches.any(-1).all()
