@@ -57,6 +57,10 @@ train() {
   if [[ "$name" == cpu ]]; then
     # Without it accelerate looks for CUDA, finds none and starts unsynchronised copies.
     export ACCELERATE_USE_CPU=1
+    # torchrun would give each of the 2 processes one thread: share the cores instead.
+    local cores
+    cores=$(nproc)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cores > 3 ? cores / 2 : 1))}
   fi
   local nnodes=${NNODES:-${SLURM_NNODES:-1}}
   if [[ "$name" == multi_node || "$nnodes" -gt 1 ]]; then
