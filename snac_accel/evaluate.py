@@ -166,10 +166,11 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
     speech = _speech_metrics(speech_metrics)
     bad = data_lib.BadFileTracker(max_fraction=1.0)
     counts = [torch.zeros(size, dtype=torch.long) for _ in strides]
-    running, files = _Running(), []
+    running, files, failures = _Running(), [], {}
     seconds_total = encode_seconds = decode_seconds = 0.0
     warmed_up = not timing
     max_samples = int(max_seconds * sample_rate)
+    min_samples = max(mel_loss.window_lengths + stft_loss.window_lengths)
 
     for name, raw in rows(source):
         if max_clips is not None and len(files) >= max_clips:
@@ -180,6 +181,9 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
             continue
         real = real.to(device)
         length = real.shape[-1]
+        if length < min_samples:  # the coarsest spectral scale needs one window of signal
+            bad.update([f"{name}: shorter than {min_samples} samples"], 0)
+            continue
         if not warmed_up:  # first calls pay for allocations and kernel choice: keep them out of the RTF
             model.decode(model.encode(real))
             warmed_up = True
@@ -203,7 +207,7 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
         row = {"name": name, "samples": length, "seconds": round(seconds, 4),
                "mel_distance": mel_loss(fake, real).item(), "stft_distance": stft_loss(fake, real).item(),
                "si_sdr": scale_invariant_signal_distortion_ratio(fake.float(), real.float()).mean().item()}
-        row.update(_speech_scores(fake, real, sample_rate, speech))
+        row.update(_speech_scores(fake, real, sample_rate, speech, failures))
         for key, value in row.items():
             if key not in ("name", "samples", "seconds"):
                 running.add(key, value)
@@ -217,14 +221,14 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
     for level, (level_counts, stride, rate) in enumerate(zip(counts, strides, rates["tokens_per_second"])):
         total = int(level_counts.sum())
         p = level_counts[level_counts > 0].double() / max(total, 1)
-        entropy = float(-(p * p.log2()).sum())
+        entropy = float(-(p * p.log2()).sum()) + 0.0  # + 0.0: one used code gives 0, not -0
         levels.append({"level": level, "stride": stride, "tokens_per_second": rate, "tokens": total,
                        "used_codes": int((level_counts > 0).sum()), "usage": float((level_counts > 0).float().mean()),
                        "entropy_bits": entropy, "perplexity": 2 ** entropy})
     result = {
         "clips": len(files), "audio_seconds": seconds_total, "bad_files": bad.total,
         "bad_examples": sorted(bad.seen)[:20], "sample_rate": sample_rate,
-        "metrics": running.means(),
+        "metrics": running.means(), "metric_failures": failures,
         "bitrate": {**rates, "entropy_bound_bps": sum(lv["tokens_per_second"] * lv["entropy_bits"] for lv in levels)},
         "codebooks": levels,
         "settings": {"max_seconds": max_seconds, "target_loudness": target_loudness, "seed": seed,
@@ -238,28 +242,38 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
     return result
 
 
-def _speech_scores(fake: torch.Tensor, real: torch.Tensor, sample_rate: int, speech: dict[str, bool]
-                   ) -> dict[str, float]:
-    """Wide-band PESQ and STOI of one file; a file the metric rejects (no speech found) gets none."""
+def _speech_scores(fake: torch.Tensor, real: torch.Tensor, sample_rate: int, speech: dict[str, bool],
+                   failures: dict[str, int]) -> dict[str, float]:
+    """Wide-band PESQ and STOI of one file; a file the metric rejects (no speech found) gets none,
+    is counted in ``failures``, and the first rejection of each metric is logged."""
+    if not any(speech.values()):
+        return {}
     import torchaudio
 
-    scores: dict[str, float] = {}
     fake, real = fake.float().reshape(-1).cpu(), real.float().reshape(-1).cpu()
-    if speech["pesq"]:
-        from torchmetrics.functional.audio import perceptual_evaluation_speech_quality
 
-        try:
-            f16, r16 = (torchaudio.functional.resample(x, sample_rate, PESQ_RATE) for x in (fake, real))
-            scores["pesq_wb"] = float(perceptual_evaluation_speech_quality(f16, r16, PESQ_RATE, "wb"))
-        except Exception as err:  # pesq raises for clips without an utterance
-            logger.debug(f"PESQ skipped: {err}")
-    if speech["stoi"]:
-        from torchmetrics.functional.audio import short_time_objective_intelligibility
+    def pesq() -> torch.Tensor:
+        from torchmetrics.functional.audio.pesq import perceptual_evaluation_speech_quality
 
+        f16, r16 = (torchaudio.functional.resample(x, sample_rate, PESQ_RATE) for x in (fake, real))
+        return perceptual_evaluation_speech_quality(f16, r16, PESQ_RATE, "wb")
+
+    def stoi() -> torch.Tensor:
+        from torchmetrics.functional.audio.stoi import short_time_objective_intelligibility
+
+        return short_time_objective_intelligibility(fake, real, sample_rate)
+
+    metrics = {"pesq_wb": pesq, "stoi": stoi}
+    scores: dict[str, float] = {}
+    for name, package in (("pesq_wb", "pesq"), ("stoi", "stoi")):
+        if not speech[package]:
+            continue
         try:
-            scores["stoi"] = float(short_time_objective_intelligibility(fake, real, sample_rate))
-        except Exception as err:
-            logger.debug(f"STOI skipped: {err}")
+            scores[name] = float(metrics[name]())
+        except Exception as err:  # pesq raises for a file without an utterance, for one
+            if name not in failures:
+                logger.warning(f"{name} failed on a file ({type(err).__name__}: {err}); such files get no {name}")
+            failures[name] = failures.get(name, 0) + 1
     return scores
 
 

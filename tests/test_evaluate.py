@@ -67,8 +67,9 @@ def test_cli_skips_broken_files_and_reports_rates_usage_and_speed(trained_run, d
     assert [lv["tokens"] for lv in result["codebooks"]] == frames
     for lv in result["codebooks"]:
         assert 0 < lv["usage"] <= 1 and lv["used_codes"] == round(lv["usage"] * 256)
-        assert 0 <= lv["entropy_bits"] <= math.log2(min(lv["used_codes"], lv["tokens"])) + 1e-9
-    assert 0 < rates["entropy_bound_bps"] <= rates["bitrate_bps"]
+        assert 0 <= lv["entropy_bits"] <= math.log2(lv["used_codes"]) + 1e-9
+        assert lv["perplexity"] == pytest.approx(2 ** lv["entropy_bits"])
+    assert 0 <= rates["entropy_bound_bps"] <= rates["bitrate_bps"]
     assert result["speed"]["encode_rtf"] > 0 and result["speed"]["decode_rtf"] > 0
     assert set(result["metrics"]) >= {"mel_distance", "stft_distance", "si_sdr"}
 
@@ -82,8 +83,20 @@ def test_evaluation_is_repeatable_despite_decoder_noise(demo_dir, tmp_path):
     torch.manual_seed(0)
     folder = save_pretrained(build_generator({**MODEL_PRESETS["tiny"], "noise": True}), tmp_path / "noisy")
     source = ev.open_source(str(sorted((demo_dir / "validation").glob("*.flac"))[0]))
-    runs = [ev.evaluate(load_codec(str(folder)), source, max_seconds=0.5, timing=False) for _ in range(2)]
+    model = load_codec(str(folder))
+    runs = [ev.evaluate(model, source, max_seconds=0.5, timing=False) for _ in range(2)]
     assert runs[0]["metrics"] == runs[1]["metrics"] and runs[0]["clips"] == 1
+
+    # The codebook statistics are those of the file's own tokens.
+    (_, raw), = ev.rows(source)
+    audio, _ = ev.load_clip(raw, 24000, 12000, None)
+    with torch.inference_mode():
+        codes = model.encode(audio)
+    for level, stats in enumerate(runs[0]["codebooks"]):
+        counts = torch.bincount(codes[level][0, :stats["tokens"]], minlength=256).double()
+        p = counts[counts > 0] / counts.sum()
+        assert stats["used_codes"] == int((counts > 0).sum())
+        assert stats["entropy_bits"] == pytest.approx(float(-(p * p.log2()).sum()), abs=1e-9)
 
 
 def test_speech_metrics_on_demand_need_their_packages(trained_run, demo_dir, tmp_path, capsys):
@@ -93,3 +106,18 @@ def test_speech_metrics_on_demand_need_their_packages(trained_run, demo_dir, tmp
                   "--output_json", str(tmp_path / "x.json")])
     assert rc == 1
     assert "pip install 'snac-accel[eval]'" in capsys.readouterr().err
+
+
+def test_pesq_and_stoi_when_their_packages_are_installed(demo_dir, tmp_path):
+    pytest.importorskip("pesq")
+    pytest.importorskip("pystoi")
+    from snac_accel.config import MODEL_PRESETS
+
+    torch.manual_seed(0)
+    model = build_generator({**MODEL_PRESETS["tiny"], "noise": False}).eval()
+    source = ev.open_source(str(sorted((demo_dir / "validation").glob("*.flac"))[0]))
+    result = ev.evaluate(model, source, max_seconds=2.0, timing=False)  # auto: on when installed
+    assert result["metric_failures"] == {}
+    assert 1.0 <= result["metrics"]["pesq_wb"] <= 4.7 and -1.0 <= result["metrics"]["stoi"] <= 1.0
+    reference = ev.evaluate(model, source, max_seconds=2.0, timing=False, speech_metrics=False)
+    assert "pesq_wb" not in reference["metrics"] and "stoi" not in reference["metrics"]
