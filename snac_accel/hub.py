@@ -395,22 +395,23 @@ def model_from_checkpoint(checkpoint: str | os.PathLike, use_ema: bool = False
 
 def describe_training_data(config: Optional[TrainConfig]) -> tuple[list[str], str]:
     """(Hub dataset ids for the YAML metadata, words for the card) of a run's training data."""
+    from .data import split_option
+
     if config is None:
         return [], "unknown"
     preset = DATASET_PRESETS.get(config.dataset or "", {})
-    hub_id = config.dataset_name or preset.get("dataset_name")
-    if hub_id and not os.path.isdir(hub_id):
-        split = f", split {config.train_split}" if config.train_split else ""
-        name = f"{hub_id} ({config.dataset_config_name})" if config.dataset_config_name else hub_id
-        return [hub_id], f"[{name}](https://huggingface.co/datasets/{hub_id}){split}"
+    names = split_option(config.dataset_name) or split_option(preset.get("dataset_name"))
+    hub_ids = [name for name in names if not os.path.isdir(name)]
+    suffix = "".join(f", {k} {v}" for k, v in (("config", config.dataset_config_name),
+                                                ("split", config.train_split)) if v)
+    words = [f"[{name}](https://huggingface.co/datasets/{name}){suffix}" for name in hub_ids]
+    words += [f"local dataset `{Path(name).name}`" for name in names if os.path.isdir(name)]
     demo = Path(DATASET_PRESETS["demo"]["train_data_dir"]).resolve()
-    if config.dataset == "demo" or (config.train_data_dir and Path(config.train_data_dir).resolve() == demo):
-        return [], "the snac-accel demo clips (synthetic speech)"
-    if config.train_data_dir:
-        return [], f"local audio folder `{Path(config.train_data_dir).name}`"
-    if config.train_file:
-        return [], f"local manifest `{Path(config.train_file).name}`"
-    return [], f"local dataset `{Path(hub_id).name}`" if hub_id else "unknown"
+    for folder in split_option(config.train_data_dir):
+        words.append("the snac-accel demo clips (synthetic speech)" if Path(folder).resolve() == demo
+                     else f"local audio folder `{Path(folder).name}`")
+    words += [f"local manifest `{Path(manifest).name}`" for manifest in split_option(config.train_file)]
+    return hub_ids, "; ".join(words) or "unknown"
 
 
 def _example_clip(train_config: Optional[TrainConfig], audio_file: Optional[str], sample_rate: int,

@@ -282,3 +282,14 @@ def test_push_refuses_a_folder_that_is_not_an_export(tmp_path, monkeypatch):
     with pytest.raises(hub.ExportError, match="not an export folder"):
         hub.push_to_hub(tmp_path, "someone/codec")
     assert hub_calls.calls == []
+
+
+def test_training_data_is_described_from_the_run_config():
+    from snac_accel.config import TrainConfig
+
+    ids, words = hub.describe_training_data(TrainConfig(dataset_name="org/speech,org/music", train_split="train"))
+    assert ids == ["org/speech", "org/music"] and "https://huggingface.co/datasets/org/music" in words
+    demo = TrainConfig(dataset="demo")
+    demo.apply_dataset_preset()
+    assert hub.describe_training_data(demo) == ([], "the snac-accel demo clips (synthetic speech)")
+    assert hub.describe_training_data(TrainConfig(train_file="/data/list.csv")) == ([], "local manifest `list.csv`")
