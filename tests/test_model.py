@@ -342,6 +342,8 @@ latents = [accelerator.gather(z) for z in out.latents]
 if accelerator.is_main_process:
     torch.save(dict(weights=weights, codes=codes, latents=latents, stats=stats, logs=logs,
                     rows=[vq.codebook.weight.detach() for vq in model.quantizer.quantizers]), sys.argv[1])
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()  # gloo threads left running abort the process at exit
 '''
 
 
