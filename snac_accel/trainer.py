@@ -37,7 +37,8 @@ from .discriminators import Discriminator
 from .hub import model_card, save_pretrained
 from .losses import (DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarialLoss, MultiScaleMelLoss,
                      MultiScaleSTFTLoss)
-from .model import SnacGenerator, build_generator, freeze, generator_from_pretrained
+from .model import (DeadCodeRestarter, SnacGenerator, build_generator, code_counts, codebook_statistics, freeze,
+                    generator_from_pretrained)
 
 logger = get_logger(__name__)
 
@@ -126,6 +127,12 @@ class SnacTrainer:
                                      use_buffers=True)
             self.accelerator.register_for_checkpointing(self.ema)
         self.accelerator.register_for_checkpointing(self.sched_g, self.sched_d, self.state)
+        self.restarter = None
+        if config.dead_code_steps > 0:  # registered last: the other objects keep their checkpoint indices
+            g = self.unwrapped_generator
+            self.restarter = DeadCodeRestarter(len(g.vq_strides), g.codebook_size, config.dead_code_steps,
+                                               seed=config.seed)
+            self.accelerator.register_for_checkpointing(self.restarter)
         self.mel_loss = MultiScaleMelLoss(config.sampling_rate).to(self.accelerator.device)
         self.stft_loss = MultiScaleSTFTLoss().to(self.accelerator.device)
         self.disc_loss = DiscriminatorLoss()
@@ -192,6 +199,7 @@ class SnacTrainer:
             raise ConfigError(f"--init_from model runs at {self.generator.sampling_rate} Hz but --preset "
                               f"{config.preset} at {config.sampling_rate} Hz; pick the matching preset")
         freeze(self.generator, config.freeze)
+        self.codebook_size = self.generator.codebook_size
         self.discriminator = Discriminator(**config.discriminator_config)
 
     def _build_optimizers(self) -> None:
@@ -255,6 +263,11 @@ class SnacTrainer:
             out = self.generator(real)
             fake = out.audio
             sync = acc.sync_gradients
+            # Summed over processes (one all-reduce), so every rank agrees on usage and dead codes.
+            counts = code_counts(out.codes, self.codebook_size, reduce=lambda t: acc.reduce(t, "sum"))
+            logs.update(codebook_statistics(out.codes, self.codebook_size, counts=counts))
+            if self.restarter is not None:
+                self.restarter.observe(counts)
 
             if adversarial:
                 d_fake, d_real = self.discriminator(fake.detach()), self.discriminator(real)
@@ -294,6 +307,9 @@ class SnacTrainer:
             if g_ok or acc.scaler is not None:
                 self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
+            if sync and self.restarter is not None and g_ok and d_ok:
+                logs.update(self.restarter.step(self.unwrapped_generator, out.latents, self.state.step,
+                                                gather=acc.gather, optimizer=self.opt_g))
 
         logs.update({"loss/generator": loss_g.detach(), "loss/mel": mel.detach(),
                      "loss/commitment": out.commitment_loss.detach(), "loss/codebook": out.codebook_loss.detach()})

@@ -207,3 +207,29 @@ def test_bad_options_are_refused_before_training(tmp_path, args, message):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_tensorboard_gets_losses_codebook_stats_validation_and_media(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    SnacTrainer(tiny_config(tmp_path, dead_code_steps=2, max_train_steps=4, segment_seconds=0.25,
+                            checkpointing_steps=2, validation_steps=2, report_to="tensorboard", logging_steps=1)).fit()
+    resumed = SnacTrainer(tiny_config(tmp_path, dead_code_steps=2, max_train_steps=5, segment_seconds=0.25,
+                                      resume_from_checkpoint="latest", report_to="none"))
+    resumed.fit()
+    assert resumed.state.step == 5 and resumed.restarter.used.shape == (3, 256)
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*"))), size_guidance={"audio": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for level in range(3):
+        assert {f"codebook/usage_level{level}", f"codebook/perplexity_level{level}",
+                f"codebook/restarted_level{level}", f"loss/commitment_level{level}"} <= scalars
+    assert {"loss/mel", "loss/discriminator", "loss/adversarial", "loss/feature_matching", "grad_norm/generator",
+            "grad_norm/discriminator", "lr/generator", "data/wait_share", "data/bad_files",
+            "perf/audio_seconds_per_second", "perf/peak_memory_gb", "val/mel_distance", "val/stft_distance",
+            "val/si_sdr"} <= scalars
+    usage = events.Scalars("codebook/usage_level0")
+    assert all(0 < e.value <= 1 for e in usage)
+    assert [e.step for e in events.Scalars("val/mel_distance")] == [2, 4]
+    assert "val/0/fake" in events.Tags()["audio"] and "val/0/mel_real_over_fake" in events.Tags()["images"]
+    assert (tmp_path / "best" / "model.safetensors").is_file()
