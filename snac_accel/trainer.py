@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from .config import ConfigError, TrainConfig
 from .discriminators import Discriminator
-from .hub import model_card, save_pretrained
+from .hub import HubTokenError, describe_training_data, export_folder, push_to_hub
 from .losses import (DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarialLoss, MultiScaleMelLoss,
                      MultiScaleSTFTLoss)
 from .model import (DeadCodeRestarter, SnacGenerator, build_generator, code_counts, codebook_statistics, freeze,
@@ -439,6 +439,7 @@ class SnacTrainer:
         self.accelerator.log(metrics, step=self.state.step)
         logger.info(f"step {self.state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
                     main_process_only=True)
+        self.state.extra["last_metrics"] = metrics
         if metrics["val/mel_distance"] < self.state.best_val_mel:
             self.state.best_val_mel = metrics["val/mel_distance"]
             self.state.best_step = self.state.step
@@ -452,10 +453,11 @@ class SnacTrainer:
         """The Hub folder of the current (or EMA) generator; main process only."""
         if self.accelerator.is_main_process:
             config = self.config
-            info = dict(steps=self.state.step, metrics=metrics or self.state.extra.get("best_metrics"),
-                        datasets=[config.dataset_name or config.dataset], repo_id=config.hub_model_id,
-                        name=Path(config.output_dir).name)
-            save_pretrained(self.export_model, folder, card=model_card(self.export_model, info))
+            datasets, words = describe_training_data(config)
+            info = dict(steps=self.state.step, metrics=metrics, datasets=datasets, training_data=words,
+                        base_model=config.init_from, repo_id=config.hub_model_id, name=Path(config.output_dir).name)
+            example = self.val_batch[:1].float().cpu() if self.val_batch is not None else None
+            export_folder(self.export_model, folder, info, example_audio=example)
         self.accelerator.wait_for_everyone()
         return folder
 
@@ -546,11 +548,12 @@ class SnacTrainer:
             return self.checkpoint_dir / f"checkpoint_{state.step}"
         if not config.validation_steps or state.step % config.validation_steps:
             self._validate_and_keep_best()
-        final = self.export(Path(config.output_dir) / "final")
+        final = self.export(Path(config.output_dir) / "final", self.state.extra.get("last_metrics"))
         if config.push_to_hub and acc.is_main_process:
-            from .hub import push_to_hub
-
-            push_to_hub(final, config.hub_model_id, token=config.hub_token, private=config.hub_private)
+            try:
+                push_to_hub(final, config.hub_model_id, token=config.hub_token, private=config.hub_private)
+            except HubTokenError as err:  # the run's work is done and exported: say so, do not crash
+                logger.error(str(err))
         acc.end_training()
         return final
 

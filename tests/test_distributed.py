@@ -56,7 +56,7 @@ def recorded(kind, fn, path_arg):
 real_torch_save = torch.save
 torch.save = recorded("torch.save", torch.save, 1)
 accelerate.utils.other.safe_save_file = recorded("safetensors", accelerate.utils.other.safe_save_file, 1)
-trainer_lib.save_pretrained = recorded("export", trainer_lib.save_pretrained, 1)
+trainer_lib.export_folder = recorded("export", trainer_lib.export_folder, 1)
 TrainConfig.save = recorded("config", TrainConfig.save, 1)
 
 config = tiny_config(out / "run", train_batch_size=batch, segment_seconds=0.25, max_train_steps=steps,
