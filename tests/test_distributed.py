@@ -421,3 +421,26 @@ def wait_for_step(proc: subprocess.Popen, log: Path) -> None:
         assert proc.poll() is None, tail(log)
         assert time.monotonic() < deadline, tail(log)
         time.sleep(0.5)
+
+
+def test_two_rank_streaming_resume_matches_a_straight_run(tmp_path):
+    """--streaming with 2 ranks: the gathered per-rank position resumes both ranks exactly."""
+    from safetensors.torch import load_file
+
+    def launch(out: Path, steps: int, **extra) -> str:
+        log = out.with_suffix(".log")
+        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+               "--main_process_port", str(free_port()), "-m", "snac_accel.train",
+               *training_options(out, steps, streaming=True, checkpointing_steps=2, shuffle_buffer_size=8, **extra)]
+        done = run(cmd, child_env(ACCELERATE_USE_CPU="1"), log)
+        assert done.returncode == 0, tail(log)
+        return log.read_text()
+
+    launch(tmp_path / "straight", 4)
+    launch(tmp_path / "cut", 2)
+    log = launch(tmp_path / "cut", 4, resume_from_checkpoint="latest")
+    assert "at step 2 " in log
+    for name in ("model.safetensors", "model_1.safetensors"):
+        a = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint_4" / name)
+        b = load_file(tmp_path / "cut" / "checkpoints" / "checkpoint_4" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
