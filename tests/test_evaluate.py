@@ -35,7 +35,7 @@ def test_trained_codec_beats_its_untrained_start_on_held_out_clips(trained_run, 
 
 def _broken_set(demo_dir, folder):
     """Two good clips, and three files training would skip: not audio, empty, silent."""
-    import soundfile
+    from torchcodec.encoders import AudioEncoder
 
     folder.mkdir()
     good = sorted((demo_dir / "validation").glob("*.flac"))[:2]
@@ -43,7 +43,7 @@ def _broken_set(demo_dir, folder):
         shutil.copy(path, folder / path.name)
     (folder / "garbage.wav").write_bytes(b"RIFF" + bytes(range(256)) * 8)
     (folder / "empty.flac").write_bytes(b"")
-    soundfile.write(folder / "silent.wav", [0.0] * 24000, 24000)
+    AudioEncoder(torch.zeros(1, 24000), sample_rate=24000).to_file(str(folder / "silent.wav"))
     return good
 
 
