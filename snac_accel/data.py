@@ -155,18 +155,6 @@ def load_sources(config: Any, split: str, streaming: Optional[bool] = None) -> l
     return sources
 
 
-def load_source(config: Any, split: str) -> Optional[datasets.Dataset]:
-    """All of ``split``'s sources as one decoding dataset (``audio`` -> a torchcodec decoder), or None.
-
-    For tools that read a few clips (model card, evaluation); training uses `load_sources`.
-    """
-    sources = [ds for _, ds in load_sources(config, split, streaming=False)]
-    if not sources:
-        return None
-    ds = sources[0] if len(sources) == 1 else datasets.concatenate_datasets(sources)
-    return ds.cast_column("audio", datasets.Audio(sampling_rate=config.sampling_rate, num_channels=1))
-
-
 def source_weights(config: Any, count: int) -> Optional[list[float]]:
     """``--source_weights`` as probabilities, or None (sources used in proportion to their size)."""
     weights = [float(w) for w in split_option(getattr(config, "source_weights", None))]
