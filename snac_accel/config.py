@@ -73,6 +73,25 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Optimisation recipes: the options each fills when left unset. Batch sizes are per process.
+RECIPES: dict[str, dict[str, Any]] = {
+    # SNAC (arXiv 2410.14411, section 4): "largely follows" DAC; AdamW, lr 6e-4, exponential decay
+    # 0.999994 per iteration, no gradient clipping, batches of 16 clips of about 0.8 s, 800k iterations.
+    "snac": dict(source="SNAC paper, arXiv 2410.14411", values=dict(
+        learning_rate=6e-4, lr_gamma=0.999994, max_grad_norm=0.0, disc_max_grad_norm=0.0, train_batch_size=16,
+        segment_seconds=0.8)),
+    # DAC's final configs (descript-audio-codec conf/final): AdamW lr 1e-4, decay 0.999996, gradient
+    # clipping 1000 (generator) / 10 (discriminator), batch 72 x 0.38 s, 400k iterations.
+    "dac": dict(source="DAC, descript-audio-codec conf/final", values=dict(
+        learning_rate=1e-4, lr_gamma=0.999996, max_grad_norm=1000.0, disc_max_grad_norm=10.0, train_batch_size=72,
+        segment_seconds=0.38)),
+    # The tiny preset on two CPU cores: what trained best in a few hundred steps (benchmarks/quality.py).
+    "cpu": dict(source="measured with benchmarks/quality.py", values=dict(
+        learning_rate=3e-4, lr_gamma=0.999994, max_grad_norm=1000.0, disc_max_grad_norm=10.0, train_batch_size=4,
+        segment_seconds=1.0)),
+}
+
+
 def _choice(help_text: str, default: Any, choices: Optional[list] = None, **kwargs: Any) -> Any:
     metadata = {"help": help_text}
     if choices is not None:
@@ -93,6 +112,12 @@ class TrainConfig:
     model_noise: Optional[bool] = _choice("Override the decoder's noise blocks (off makes runs deterministic).", None)
     quantizer_dropout: float = _choice("Share of each batch trained with a random number of levels (DAC).", 0.0)
     dead_code_steps: int = _choice("Re-seed a code unused for this many optimizer steps (0 disables).", 0)
+    codebook_init: Optional[str] = _choice(
+        "Seed the codebooks from the encoder's vectors of training clips before the first step; default: "
+        "kmeans for a fresh model, none with --init_from.", None, ["kmeans", "sample", "none"])
+    codebook_init_clips: Optional[int] = _choice(
+        "Training excerpts encoded for --codebook_init (default: enough for 2 vectors per code at the "
+        "coarsest level, at most 1024).", None)
     discriminator_preset: Optional[str] = _choice(
         "Discriminator sizes; default follows the model preset.", None, list(DISCRIMINATOR_PRESETS))
 
@@ -116,7 +141,8 @@ class TrainConfig:
         "manifests (default: in proportion to their sizes).", None)
     streaming: bool = _choice("Stream the dataset instead of downloading it whole (needs --max_train_steps).", False)
     shuffle_buffer_size: int = _choice("Shuffle buffer for streaming.", 1000)
-    segment_seconds: float = _choice("Length of a training excerpt in seconds.", 1.0)
+    segment_seconds: Optional[float] = _choice("Length of a training excerpt in seconds (default: the recipe's).",
+                                               None)
     validation_seconds: float = _choice("Length of a validation excerpt in seconds.", 2.0)
     max_validation_clips: int = _choice("Validation clips used at most.", 16)
     short_clips: str = _choice("What to do with clips shorter than a segment.", "pad", ["pad", "skip"])
@@ -130,22 +156,29 @@ class TrainConfig:
     output_dir: str = _choice("Where checkpoints, logs and the exported codec go.", "outputs/run")
     logging_dir: str = _choice("Tracker folder, relative to output_dir.", "logs")
     seed: int = _choice("Seed of models, data order and excerpts.", 0)
-    train_batch_size: int = _choice("Batch size per device.", 8)
+    train_batch_size: Optional[int] = _choice("Batch size per device (default: the recipe's).", None)
     num_train_epochs: int = _choice("Epochs, used when max_train_steps is not set.", 1)
     max_train_steps: Optional[int] = _choice("Total optimizer steps; overrides num_train_epochs.", None)
     max_train_minutes: Optional[float] = _choice("Stop cleanly (checkpoint + export) after this wall time.", None)
     gradient_accumulation_steps: int = _choice("Batches per optimizer update.", 1)
-    learning_rate: float = _choice("Generator learning rate.", 1e-4)
+    recipe: Optional[str] = _choice(
+        "Optimisation recipe filling the options you leave unset: snac (the SNAC paper's; default of the snac_* "
+        "presets), dac (DAC's final configs) or cpu (default of tiny).", None, ["snac", "dac", "cpu"])
+    learning_rate: Optional[float] = _choice("Generator learning rate (default: the recipe's).", None)
     disc_learning_rate: Optional[float] = _choice("Discriminator learning rate (default: learning_rate).", None)
     adam_beta1: float = _choice("AdamW beta1.", 0.8)
     adam_beta2: float = _choice("AdamW beta2.", 0.99)
     adam_weight_decay: float = _choice("AdamW weight decay.", 0.0)
     adam_epsilon: float = _choice("AdamW epsilon.", 1e-8)
     lr_scheduler: str = _choice("'exponential' or a transformers.get_scheduler name.", "exponential")
-    lr_gamma: float = _choice("Decay per update of the exponential scheduler.", 0.999996)
-    lr_warmup_steps: int = _choice("Warm-up updates for transformers schedulers.", 0)
-    max_grad_norm: float = _choice("Generator gradient clipping norm.", 1000.0)
-    disc_max_grad_norm: float = _choice("Discriminator gradient clipping norm.", 10.0)
+    lr_gamma: Optional[float] = _choice("Decay per update of the exponential scheduler (default: the recipe's).",
+                                        None)
+    lr_warmup_steps: int = _choice("Updates of linear learning-rate warm-up (any scheduler).", 0)
+    max_grad_norm: Optional[float] = _choice(
+        "Generator gradient clipping norm; 0 disables clipping (the norm is still logged). Default: the recipe's.",
+        None)
+    disc_max_grad_norm: Optional[float] = _choice(
+        "Discriminator gradient clipping norm; 0 disables clipping. Default: the recipe's.", None)
     disc_start: int = _choice("Optimizer step at which the adversarial losses start.", 0)
     mel_weight: float = _choice("Weight of the multi-scale mel loss.", 15.0)
     adversarial_weight: float = _choice("Weight of the adversarial loss.", 1.0)
@@ -171,6 +204,17 @@ class TrainConfig:
     hub_model_id: Optional[str] = _choice("Hub repository for the push.", None)
     hub_token: Optional[str] = _choice("Hub token (default: HF_TOKEN or the login cache).", None, repr=False)
     hub_private: bool = _choice("Create the Hub repository private.", False)
+
+    def __post_init__(self) -> None:
+        self.apply_recipe()
+
+    def apply_recipe(self) -> None:
+        """Fill the recipe's options that were left unset (None); an unknown recipe is left to `validate`."""
+        if self.recipe is None:
+            self.recipe = "cpu" if self.preset == "tiny" else "snac"
+        for key, value in RECIPES.get(self.recipe, {}).get("values", {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     @property
     def model_config(self) -> dict[str, Any]:
@@ -241,6 +285,12 @@ class TrainConfig:
         if self.segment_samples < self.pad_multiple or self.segment_seconds < min_seconds:
             errors.append(f"--segment_seconds {self.segment_seconds} is shorter than the model's padding "
                           f"multiple ({self.pad_multiple} samples = {min_seconds:.3f} s); use at least that")
+        if self.recipe not in RECIPES:
+            errors.append(f"--recipe {self.recipe} is not one of {', '.join(RECIPES)}")
+        if min(self.max_grad_norm or 0.0, self.disc_max_grad_norm or 0.0) < 0:
+            errors.append("--max_grad_norm and --disc_max_grad_norm must be positive, or 0 for no clipping")
+        if self.codebook_init_clips is not None and self.codebook_init_clips < 1:
+            errors.append("--codebook_init_clips must be at least 1")
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             errors.append("--train_batch_size and --gradient_accumulation_steps must be at least 1")
         if self.max_train_steps is not None and self.max_train_steps < 1:

@@ -5,11 +5,13 @@ id, a training checkpoint). DATA is anything the data pipeline reads: a folder o
 audio file, a CSV/JSONL manifest, or a Hub dataset id / local dataset folder (with ``--split``).
 
 Every file is encoded and decoded whole (up to ``--max_seconds``), one at a time, so metrics are not
-diluted by padding. Per file: multi-scale mel distance, multi-scale STFT distance and SI-SDR, plus
-wide-band PESQ and STOI when the optional ``pesq`` / ``pystoi`` packages are installed (the ``eval``
-extra). Over the whole set: codebook usage and entropy per level, bitrate, and encode/decode
-real-time factors (seconds of compute per second of audio; below 1 is faster than real time).
-Unusable files are skipped, named once in the log and counted, as in training.
+diluted by padding. Per file, computed as DAC computes them so that figures compare with DAC's and
+SNAC's published ones: multi-scale mel distance (DAC's mel loss), multi-scale STFT distance (log
+power and linear magnitude, windows 2048 and 512) and SI-SDR on zero-mean signals; plus wide-band
+PESQ and STOI when the optional ``pesq`` / ``pystoi`` packages are installed (the ``eval`` extra).
+Over the whole set: codebook usage, entropy and bitrate efficiency (entropy / log2 codebook size)
+per level, bitrate, and encode/decode real-time factors (seconds of compute per second of audio;
+below 1 is faster than real time). Unusable files are skipped, named once in the log and counted.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import torch
 from accelerate.logging import get_logger
 
 from . import data as data_lib
+from .codebook import collapse_warnings
 from .hub import codec_rates, ensure_accelerate_state, load_codec
-from .losses import MultiScaleMelLoss, MultiScaleSTFTLoss
+from .losses import MultiScaleMelLoss, MultiScaleSTFTLoss, si_sdr
 
 logger = get_logger(__name__)
 
@@ -156,8 +159,6 @@ def evaluate(model: torch.nn.Module, source: Any, max_clips: Optional[int] = Non
 def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_clips: Optional[int],
               max_seconds: float, target_loudness: Optional[float], speech_metrics: Optional[bool], timing: bool,
               seed: int) -> dict[str, Any]:
-    from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
-
     config = _codec_config(model)
     sample_rate, hop, strides, size = (config["sampling_rate"], math.prod(config["encoder_rates"]),
                                        config["vq_strides"], config["codebook_size"])
@@ -206,7 +207,7 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
 
         row = {"name": name, "samples": length, "seconds": round(seconds, 4),
                "mel_distance": mel_loss(fake, real).item(), "stft_distance": stft_loss(fake, real).item(),
-               "si_sdr": scale_invariant_signal_distortion_ratio(fake.float(), real.float()).mean().item()}
+               "si_sdr": si_sdr(fake, real).mean().item()}
         row.update(_speech_scores(fake, real, sample_rate, speech, failures))
         for key, value in row.items():
             if key not in ("name", "samples", "seconds"):
@@ -224,12 +225,16 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
         entropy = float(-(p * p.log2()).sum()) + 0.0  # + 0.0: one used code gives 0, not -0
         levels.append({"level": level, "stride": stride, "tokens_per_second": rate, "tokens": total,
                        "used_codes": int((level_counts > 0).sum()), "usage": float((level_counts > 0).float().mean()),
-                       "entropy_bits": entropy, "perplexity": 2 ** entropy})
+                       "entropy_bits": entropy, "perplexity": 2 ** entropy,
+                       "efficiency": entropy / math.log2(size)})
+    for line in collapse_warnings([lv["usage"] for lv in levels], size, f"these {len(files)} files"):
+        logger.warning(line)
+    entropy_bound = sum(lv["tokens_per_second"] * lv["entropy_bits"] for lv in levels)
     result = {
         "clips": len(files), "audio_seconds": seconds_total, "bad_files": bad.total,
         "bad_examples": sorted(bad.seen)[:20], "sample_rate": sample_rate,
         "metrics": running.means(), "metric_failures": failures,
-        "bitrate": {**rates, "entropy_bound_bps": sum(lv["tokens_per_second"] * lv["entropy_bits"] for lv in levels)},
+        "bitrate": {**rates, "entropy_bound_bps": entropy_bound, "efficiency": entropy_bound / rates["bitrate_bps"]},
         "codebooks": levels,
         "settings": {"max_seconds": max_seconds, "target_loudness": target_loudness, "seed": seed,
                      "speech_metrics": [k for k, v in speech.items() if v]},
@@ -288,14 +293,16 @@ def format_table(result: dict[str, Any]) -> str:
     rate = result["bitrate"]
     lines.append(f"{'bitrate kbps':<28}{rate['bitrate_bps'] / 1000:>12.3f}")
     lines.append(f"{'entropy bound kbps':<28}{rate['entropy_bound_bps'] / 1000:>12.3f}")
+    lines.append(f"{'bitrate efficiency':<28}{rate['efficiency']:>12.3f}")
     if "speed" in result:
         speed = result["speed"]
         lines.append(f"{'encode RTF':<28}{speed['encode_rtf']:>12.4f}")
         lines.append(f"{'decode RTF':<28}{speed['decode_rtf']:>12.4f}")
-    lines += ["", f"{'level':<7}{'stride':>7}{'tokens/s':>10}{'used':>8}{'usage':>8}{'entropy':>9}{'perplexity':>12}"]
+    lines += ["", f"{'level':<7}{'stride':>7}{'tokens/s':>10}{'used':>8}{'usage':>8}{'entropy':>9}{'perplexity':>12}"
+              f"{'efficiency':>12}"]
     for lv in result["codebooks"]:
         lines.append(f"{lv['level']:<7}{lv['stride']:>7}{lv['tokens_per_second']:>10.2f}{lv['used_codes']:>8}"
-                     f"{lv['usage']:>8.3f}{lv['entropy_bits']:>9.3f}{lv['perplexity']:>12.1f}")
+                     f"{lv['usage']:>8.3f}{lv['entropy_bits']:>9.3f}{lv['perplexity']:>12.1f}{lv['efficiency']:>12.3f}")
     return "\n".join(lines)
 
 

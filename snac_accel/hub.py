@@ -13,6 +13,7 @@ so that a run with or without EMA reads the same way.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -110,6 +111,25 @@ def _metric_name(key: str) -> str:
     return key.split("/", 1)[-1]
 
 
+METRIC_DEFINITIONS = ("Metrics as DAC computes them, so they compare with DAC's and SNAC's published figures: mel "
+                      "distance is DAC's multi-scale mel loss (7 scales, log10 magnitudes), STFT distance the L1 of "
+                      "log power and linear magnitude spectra at windows 2048 and 512, SI-SDR is measured on "
+                      "zero-mean signals.")
+
+
+def codebook_rows(metrics: dict[str, Any]) -> list[tuple[int, float, float]]:
+    """(level, usage, efficiency) from ``codebook_usage_levelN`` / ``codebook_efficiency_levelN`` metrics."""
+    rows = []
+    for level in itertools.count():
+        usage = next((v for k, v in metrics.items() if _metric_name(k) == f"codebook_usage_level{level}"), None)
+        efficiency = next((v for k, v in metrics.items() if _metric_name(k) == f"codebook_efficiency_level{level}"),
+                          None)
+        if usage is None or efficiency is None:
+            return rows
+        rows.append((level, usage, efficiency))
+    return rows
+
+
 def model_card(model: SnacGenerator, info: dict[str, Any]) -> str:
     """A model card with YAML metadata so the Hub lists the codec under `library_name: snac`.
 
@@ -153,8 +173,17 @@ def model_card(model: SnacGenerator, info: dict[str, Any]) -> str:
         lines += ["", "## Validation", ""]
         if info.get("metrics_source"):
             lines += [info["metrics_source"], ""]
+        quality = {k: v for k, v in metrics.items() if "codebook_" not in k and isinstance(v, (int, float))}
         lines += ["| metric | value |", "| --- | --- |"]
-        lines += [f"| {_metric_name(k)} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float))]
+        lines += [f"| {_metric_name(k)} | {v:.4f} |" for k, v in quality.items()]
+        lines += ["", METRIC_DEFINITIONS]
+        levels = codebook_rows(metrics)
+        if levels:
+            lines += ["", "## Codebook health", "",
+                      "Share of each level's codes used and its bitrate efficiency (entropy of the code histogram "
+                      "/ log2 codebook size) on the same clips; a level below 10% usage carries little information.",
+                      "", "| level | usage | efficiency |", "| --- | --- | --- |"]
+            lines += [f"| {level} | {usage:.1%} | {efficiency:.3f} |" for level, usage, efficiency in levels]
     if info.get("figure"):
         lines += ["", "## Original and reconstruction", "",
                   f"![log-mel spectrogram: original (top) and reconstruction (bottom)]({info['figure']})", "",
@@ -487,6 +516,9 @@ def _card_metrics(model: SnacGenerator, info: dict[str, Any], train_config: Opti
                           target_loudness=train_config.target_loudness, timing=False)
         keys = ("mel_distance", "stft_distance", "si_sdr", "pesq_wb", "stoi")
         metrics = {k: result["metrics"][k] for k in keys if k in result["metrics"]}
+        for level in result["codebooks"]:
+            metrics[f"codebook_usage_level{level['level']}"] = level["usage"]
+            metrics[f"codebook_efficiency_level{level['level']}"] = level["efficiency"]
         return {"metrics": metrics,
                 "metrics_source": f"Measured on the exported weights: {result['clips']} validation clips, "
                                   f"at most {train_config.validation_seconds:g} s each (`snac_accel.evaluate`)."}

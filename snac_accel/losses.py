@@ -155,13 +155,17 @@ class MultiScaleMelLoss(nn.Module):
 
 
 class MultiScaleSTFTLoss(nn.Module):
-    """L1 of log10 and linear STFT magnitudes at several resolutions (DAC's STFT distance)."""
+    """DAC's STFT distance: per resolution, L1 of log10(clamp(|X|, eps) ** pow) plus L1 of |X|.
+
+    DAC's defaults: windows 2048 and 512 (hop window/4, hann, centred), eps 1e-5, pow 2 (log power
+    spectra), both weights 1; figures computed so compare with DAC's and SNAC's published ones.
+    """
 
     def __init__(self, window_lengths: Sequence[int] = (2048, 512), clamp_eps: float = 1e-5,
-                 log_weight: float = 1.0, mag_weight: float = 1.0) -> None:
+                 log_weight: float = 1.0, mag_weight: float = 1.0, pow: float = 2.0) -> None:
         super().__init__()
         self.window_lengths = list(window_lengths)
-        self.clamp_eps, self.log_weight, self.mag_weight = clamp_eps, log_weight, mag_weight
+        self.clamp_eps, self.log_weight, self.mag_weight, self.pow = clamp_eps, log_weight, mag_weight, pow
         for i, window in enumerate(window_lengths):
             self.register_buffer(f"window_{i}", torch.hann_window(window), persistent=False)
 
@@ -174,10 +178,21 @@ class MultiScaleSTFTLoss(nn.Module):
             for i, window_length in enumerate(self.window_lengths):
                 mag = torch.stft(both, window_length, window_length // 4, window=getattr(self, f"window_{i}"),
                                  center=True, pad_mode="reflect", return_complex=True).abs()
-                log_mag = mag.clamp(min=self.clamp_eps).log10()
+                log_mag = mag.clamp(min=self.clamp_eps).pow(self.pow).log10()
                 loss = loss + self.log_weight * F.l1_loss(log_mag[:batch], log_mag[batch:])
                 loss = loss + self.mag_weight * F.l1_loss(mag[:batch], mag[batch:])
         return loss
+
+
+def si_sdr(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """SI-SDR in dB per clip [B] of [B, 1, T] audio, on zero-mean signals as DAC computes it.
+
+    torchmetrics' default keeps the mean; DAC removes it, so a DC offset in the reconstruction does
+    not count as distortion and figures compare with DAC's and SNAC's published ones.
+    """
+    from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
+
+    return scale_invariant_signal_distortion_ratio(estimate.float(), reference.float(), zero_mean=True).reshape(-1)
 
 
 class DiscriminatorLoss(nn.Module):

@@ -3,8 +3,8 @@
 `SnacGenerator` subclasses `snac.SNAC` without renaming a parameter, so its state dict loads into
 `snac.SNAC` unchanged. Its quantizer pass follows DAC: per level, in that level's projected space,
 commitment = MSE(z_e, sg(z_q)) and codebook = MSE(sg(z_e), z_q), with a straight-through estimator.
-`code_counts`/`codebook_statistics` give per-level usage and perplexity across processes, and
-`DeadCodeRestarter` re-seeds codes that stopped being used, identically on every process.
+A fresh generator is initialised as DAC's (`init_fresh`); codebook statistics, seeding and
+dead-code restarts live in `snac_accel.codebook`.
 """
 
 from __future__ import annotations
@@ -15,17 +15,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from accelerate.logging import get_logger
 from snac import SNAC
 from snac.layers import DecoderBlock, NoiseBlock
-
-logger = get_logger(__name__)
-
-TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -111,9 +106,27 @@ class SnacGenerator(SNAC):
         return out
 
 
+@torch.no_grad()
+def init_fresh(model: SNAC) -> SNAC:
+    """DAC's initialisation for a model trained from scratch, plus silent noise blocks.
+
+    Every Conv1d bias starts at zero, as DAC's ``init_weights`` does (its truncated-normal weight
+    init is overwritten by weight normalisation on the next forward, so DAC's weights are PyTorch's
+    default: these are too). With PyTorch's random biases the encoder output is mostly a constant
+    offset, and the cosine code search sends every frame to the same code. Noise blocks start with
+    a zero gain: random gains make two decodes of the same codes differ more than the codes do.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv1d) and module.bias is not None:
+            module.bias.zero_()
+        if isinstance(module, NoiseBlock):
+            module.linear.parametrizations.weight.original0.zero_()
+    return model
+
+
 def build_generator(config: dict[str, Any], quantizer_dropout: float = 0.0) -> SnacGenerator:
-    """A fresh generator from `snac.SNAC` constructor arguments (a preset or a config.json)."""
-    return SnacGenerator(quantizer_dropout=quantizer_dropout, **config)
+    """A fresh generator, initialised by `init_fresh`, from `snac.SNAC` constructor arguments."""
+    return init_fresh(SnacGenerator(quantizer_dropout=quantizer_dropout, **config))
 
 
 def resolve_pretrained_folder(path_or_repo: str, revision: Optional[str] = None) -> Path:
@@ -172,9 +185,6 @@ def copy_across_noise(source: SnacGenerator, target: SnacGenerator) -> None:
         dst_parts = [m for m in dst_layer.block if not isinstance(m, NoiseBlock)]
         for a, b in zip(src_parts, dst_parts, strict=True):
             b.load_state_dict(a.state_dict())
-        for block in dst_layer.block:
-            if isinstance(block, NoiseBlock):
-                block.linear.parametrizations.weight.original0.zero_()
 
 
 FREEZABLE = ("encoder", "quantizer", "decoder")
@@ -189,122 +199,3 @@ def freeze(model: SnacGenerator, parts: Optional[str]) -> None:
         if part not in FREEZABLE:
             raise ValueError(f"cannot freeze {part!r}; choose among {', '.join(FREEZABLE)}")
         getattr(model, part).requires_grad_(False)
-
-
-def code_counts(codes: Sequence[torch.Tensor], codebook_size: int, reduce: Optional[TensorFn] = None) -> torch.Tensor:
-    """How often each code occurs in the batch, [levels, codebook_size] float32.
-
-    ``reduce`` sums across processes (the trainer passes ``lambda t: accelerator.reduce(t, "sum")``);
-    one collective covers all levels.
-    """
-    counts = torch.stack([torch.bincount(c.flatten(), minlength=codebook_size) for c in codes]).float()
-    return reduce(counts) if reduce is not None else counts
-
-
-def codebook_statistics(codes: Sequence[torch.Tensor], codebook_size: int, reduce: Optional[TensorFn] = None,
-                        counts: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-    """Per level: share of the codebook used in the batch and the perplexity of the code histogram.
-
-    Perplexity is exp(entropy): the number of equally used codes that would give the same entropy
-    (codebook_size at best, 1 when one code takes everything). Pass ``counts`` from `code_counts`
-    to reuse an already reduced histogram. Values stay tensors: no device sync until logged.
-    """
-    if counts is None:
-        counts = code_counts(codes, codebook_size, reduce)
-    probs = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-    usage = (counts > 0).float().mean(-1)
-    perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum(-1))
-    stats = {}
-    for level in range(counts.shape[0]):
-        stats[f"codebook/usage_level{level}"] = usage[level]
-        stats[f"codebook/perplexity_level{level}"] = perplexity[level]
-    return stats
-
-
-class DeadCodeRestarter:
-    """Re-seeds codes left unused for ``dead_steps`` optimizer steps from current encoder vectors.
-
-    Dead codes waste bits and never recover on their own (no encoder vector is near them, so the
-    codebook loss never moves them). Usage comes from cross-process-summed counts and the choice
-    from a generator seeded by (seed, step, level) over vectors gathered from every process, so
-    all replicas write the same rows and stay identical without a broadcast. Codebooks frozen with
-    ``requires_grad=False`` are left alone. Holds ``state_dict``/``load_state_dict`` for
-    ``accelerator.register_for_checkpointing``.
-    """
-
-    def __init__(self, n_levels: int, codebook_size: int, dead_steps: int, seed: int = 0) -> None:
-        if dead_steps < 1:
-            raise ValueError("dead_steps must be at least 1")
-        self.dead_steps = dead_steps
-        self.seed = seed
-        self.unused_steps = torch.zeros(n_levels, codebook_size, dtype=torch.long)
-        self.used = torch.zeros(n_levels, codebook_size, dtype=torch.bool)
-        self.restarted = torch.zeros(n_levels, dtype=torch.long)
-
-    def observe(self, counts: torch.Tensor) -> None:
-        """Record the codes used by one micro-batch; ``counts`` must already be summed across processes."""
-        self.used |= counts.detach().cpu() > 0
-
-    def generator(self, step: int, level: int) -> torch.Generator:
-        """The same CPU generator on every process for this (seed, step, level)."""
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1009 + level)
-
-    @torch.no_grad()
-    def step(self, model: SnacGenerator, latents: Sequence[torch.Tensor], step: int,
-             gather: Optional[TensorFn] = None, optimizer: Optional[torch.optim.Optimizer] = None
-             ) -> dict[str, torch.Tensor]:
-        """Close one optimizer step: age unused codes and re-seed the dead ones; returns counts per level.
-
-        Call once per optimizer update on every process, after ``optimizer.step()``. ``latents`` are
-        `GeneratorOutput.latents` of the current batch ([B, D, T_level] per level); ``gather``
-        concatenates a tensor from all processes along dim 0 (``accelerator.gather``). Given the
-        optimizer, the Adam moments of re-seeded rows are zeroed so stale momentum does not drag
-        the new vectors away. Non-finite candidates are never used. Counts come back as 0-d
-        tensors, like the trainer's other logs.
-        """
-        quantizers = model.quantizer.quantizers
-        if len(quantizers) != self.unused_steps.shape[0]:
-            raise ValueError(f"the model has {len(quantizers)} quantizer levels, the restarter tracks "
-                             f"{self.unused_steps.shape[0]}")
-        self.unused_steps = torch.where(self.used, 0, self.unused_steps + 1)
-        self.used.zero_()
-        logs = {}
-        for level, vq in enumerate(quantizers):
-            weight = vq.codebook.weight
-            dead = (self.unused_steps[level] >= self.dead_steps).nonzero().flatten()
-            logs[f"codebook/restarted_level{level}"] = torch.tensor(0)
-            if dead.numel() == 0 or not weight.requires_grad:
-                continue
-            z_e = latents[level].detach().contiguous()
-            if gather is not None:
-                z_e = gather(z_e)
-            candidates = z_e.transpose(1, 2).reshape(-1, z_e.shape[1])
-            candidates = candidates[torch.isfinite(candidates).all(-1)]
-            if candidates.shape[0] == 0:
-                continue
-            generator = self.generator(step, level)
-            if candidates.shape[0] >= dead.numel():
-                pick = torch.randperm(candidates.shape[0], generator=generator)[:dead.numel()]
-            else:
-                pick = torch.randint(candidates.shape[0], (dead.numel(),), generator=generator)
-            rows = dead.to(weight.device)
-            weight[rows] = candidates[pick.to(candidates.device)].to(weight.dtype)
-            if optimizer is not None:
-                state = getattr(optimizer, "optimizer", optimizer).state.get(weight, {})
-                for value in state.values():
-                    if torch.is_tensor(value) and value.shape == weight.shape:
-                        value[rows] = 0
-            self.unused_steps[level, dead] = 0
-            self.restarted[level] += dead.numel()
-            logs[f"codebook/restarted_level{level}"] = torch.tensor(dead.numel())
-            logger.info(f"step {step}: re-seeded {dead.numel()} dead codes of level {level}", main_process_only=True)
-        return logs
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"unused_steps": self.unused_steps.clone(), "used": self.used.clone(),
-                "restarted": self.restarted.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.unused_steps = state["unused_steps"].clone()
-        self.used = state["used"].clone()
-        self.restarted = state["restarted"].clone()

@@ -12,6 +12,7 @@ The step, in the order that makes fp16 with two optimizers and one GradScaler co
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -27,7 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
@@ -36,9 +37,10 @@ from .config import ConfigError, TrainConfig
 from .discriminators import Discriminator
 from .hub import HubTokenError, describe_training_data, export_folder, push_to_hub
 from .losses import (DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarialLoss, MultiScaleMelLoss,
-                     MultiScaleSTFTLoss)
-from .model import (DeadCodeRestarter, SnacGenerator, build_generator, code_counts, codebook_statistics, freeze,
-                    generator_from_pretrained)
+                     MultiScaleSTFTLoss, si_sdr)
+from .codebook import (DeadCodeRestarter, code_counts, codebook_statistics, collapse_warnings, histogram_statistics,
+                       seed_codebooks)
+from .model import SnacGenerator, build_generator, freeze, generator_from_pretrained
 
 logger = get_logger(__name__)
 
@@ -141,6 +143,7 @@ class SnacTrainer:
         self.bad_tracker = data_lib.BadFileTracker(max_fraction=config.max_bad_fraction)
         self._stop_signal: Optional[int] = None
         self._last_saved_step = -1
+        self.window_counts: Optional[torch.Tensor] = None  # code histogram since the last logging step
 
     # ------------------------------------------------------------------ building
 
@@ -216,7 +219,12 @@ class SnacTrainer:
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         """Not prepared by accelerate: we step it ourselves, once per optimizer update, on every process."""
         if self.config.lr_scheduler == "exponential":
-            return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.config.lr_gamma)
+            decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.config.lr_gamma)
+            if not self.config.lr_warmup_steps:
+                return decay
+            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / self.config.lr_warmup_steps,
+                                                       total_iters=self.config.lr_warmup_steps)
+            return torch.optim.lr_scheduler.ChainedScheduler([warmup, decay])
         from transformers import get_scheduler
 
         return get_scheduler(self.config.lr_scheduler, optimizer, num_warmup_steps=self.config.lr_warmup_steps,
@@ -234,18 +242,66 @@ class SnacTrainer:
             return self.ema.module
         return self.unwrapped_generator
 
-    def _clip(self, model: torch.nn.Module, optimizer: Any, max_norm: float) -> torch.Tensor:
-        """Unscale this optimizer only (never all of them, see the notes), then clip this model."""
+    def _clip(self, model: torch.nn.Module, optimizer: Any, max_norm: Optional[float]) -> torch.Tensor:
+        """Unscale this optimizer only (never all of them, see the notes), then clip this model.
+
+        ``max_norm`` 0 (the SNAC recipe) measures the norm for the logs and clips nothing.
+        """
         self.accelerator.unscale_gradients(optimizer=optimizer)
-        params = [p for p in model.parameters() if p.grad is not None]
-        if not params:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
             return torch.zeros((), device=self.accelerator.device)
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not max_norm:
+            return torch.nn.utils.get_total_norm(grads)
+        return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
 
     def _all_finite(self, *values: torch.Tensor) -> bool:
         """Every process agrees: one all-reduce of a flag."""
         bad = torch.tensor(float(not all(torch.isfinite(v).all() for v in values)), device=self.accelerator.device)
         return self.accelerator.reduce(bad, reduction="sum").item() == 0
+
+    # ------------------------------------------------------------------ codebook seeding
+
+    def _seed_codebooks(self) -> None:
+        """Before a fresh run's first step, start the codebooks at the encoder's vectors (`seed_codebooks`).
+
+        The excerpts are drawn apart from the training stream (their own keys, or a stream iterator
+        of their own), so training sees the same batches with or without seeding. The record goes
+        into the checkpointed `TrainState`: a resumed run never seeds again.
+        """
+        config, acc = self.config, self.accelerator
+        method = config.codebook_init or ("none" if config.init_from else "kmeans")
+        if method == "none" or self.state.step > 0 or "codebook_init" in self.state.extra:
+            return
+        generator = self.unwrapped_generator
+        frames = max(1, config.segment_samples // int(generator.hop_length) // generator.vq_strides[0])
+        total = config.codebook_init_clips or min(1024, math.ceil(2 * self.codebook_size / frames))
+        per_process = math.ceil(total / acc.num_processes)
+        clips = self._excerpts_for_seeding(per_process)
+        batches = [torch.stack(clips[i:i + config.train_batch_size]).to(acc.device)
+                   for i in range(0, len(clips), config.train_batch_size)]
+        distributed = acc.num_processes > 1
+        record = seed_codebooks(generator, batches, method, seed=config.seed,
+                                gather=acc.gather if distributed else None,
+                                broadcast=(lambda t: broadcast(t, from_process=0)) if distributed else None)
+        self.state.extra["codebook_init"] = {**record, "clips": per_process * acc.num_processes}
+
+    def _excerpts_for_seeding(self, count: int) -> list[torch.Tensor]:
+        """``count`` usable training excerpts of this process, off the training stream."""
+        if self.config.streaming:
+            stream = iter(self.train_loader.clips)
+            return [item["audio"] for item in itertools.islice(
+                (item for item in stream if item["audio"] is not None), count)]
+        acc, clips, found = self.accelerator, self.train_clips, []
+        for rounds in itertools.count():
+            order = torch.randperm(len(clips), generator=torch.Generator().manual_seed(self.config.seed + rounds))
+            for index in order[acc.process_index::acc.num_processes].tolist():
+                item = clips[(-1 - rounds, index)]  # negative epochs: keys training never uses
+                if item["audio"] is not None:
+                    found.append(item["audio"])
+                if len(found) == count:
+                    return found
+        return found
 
     # ------------------------------------------------------------------ the step
 
@@ -265,7 +321,7 @@ class SnacTrainer:
             sync = acc.sync_gradients
             # Summed over processes (one all-reduce), so every rank agrees on usage and dead codes.
             counts = code_counts(out.codes, self.codebook_size, reduce=lambda t: acc.reduce(t, "sum"))
-            logs.update(codebook_statistics(out.codes, self.codebook_size, counts=counts))
+            self.window_counts = counts if self.window_counts is None else self.window_counts + counts
             if self.restarter is not None:
                 self.restarter.observe(counts)
 
@@ -319,6 +375,18 @@ class SnacTrainer:
         if sync:
             self._after_update(g_ok and d_ok, out)
         return logs
+
+    def _codebook_window_logs(self) -> dict[str, float]:
+        """Usage, perplexity and efficiency per level over the batches since the last logging step.
+
+        One batch holds too few frames to show a level's usage (4 clips of 1 s give the tiny
+        preset's coarsest level 48 frames for 256 codes); the window's histogram does.
+        """
+        if self.window_counts is None:
+            return {}
+        stats = codebook_statistics([], self.codebook_size, counts=self.window_counts)
+        self.window_counts = None
+        return {key: value.item() for key, value in stats.items()}
 
     def _after_update(self, finite: bool, out: Any) -> None:
         state = self.state
@@ -396,8 +464,6 @@ class SnacTrainer:
         Runs on a forked RNG with a fixed seed: the decoder's noise gives the same metrics every
         time, and training's random stream is untouched (resume stays bit-exact).
         """
-        from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
-
         if self.val_batch is None:
             return {}
         model = self.export_model
@@ -407,13 +473,21 @@ class SnacTrainer:
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed)
-            fake = torch.cat([model(chunk).audio for chunk in real.split(4)])
+            outputs = [model(chunk) for chunk in real.split(4)]
+        fake = torch.cat([out.audio for out in outputs])
+        codes = [torch.cat(level) for level in zip(*(out.codes for out in outputs))]
         model.train(was_training)
         metrics = {
             "val/mel_distance": self.mel_loss(fake, real).item(),
             "val/stft_distance": self.stft_loss(fake, real).item(),
-            "val/si_sdr": scale_invariant_signal_distortion_ratio(fake.float(), real.float()).mean().item(),
+            "val/si_sdr": si_sdr(fake, real).mean().item(),
         }
+        health = histogram_statistics(code_counts(codes, self.codebook_size))
+        for level, (usage, efficiency) in enumerate(zip(health["usage"].tolist(), health["efficiency"].tolist())):
+            metrics[f"val/codebook_usage_level{level}"] = usage
+            metrics[f"val/codebook_efficiency_level{level}"] = efficiency
+        for line in collapse_warnings(health["usage"].tolist(), self.codebook_size, "the validation clips"):
+            logger.warning(f"step {self.state.step}: {line}", main_process_only=True)
         self._log_media(real, fake)
         return metrics
 
@@ -482,6 +556,7 @@ class SnacTrainer:
         if self.resume_path is not None:
             self.load_checkpoint(self.resume_path)
             self._last_saved_step = self.state.step
+        self._seed_codebooks()
         acc.init_trackers(config.tracker_project_name, config={k: v for k, v in config.to_dict().items()
                                                               if isinstance(v, (int, float, str, bool))})
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
@@ -524,8 +599,11 @@ class SnacTrainer:
                             "train/skipped_updates": state.skipped_updates,
                         })
                         logs["perf/peak_memory_gb"] = peak_memory_gb(acc.device)
+                        codebook_logs = self._codebook_window_logs()
+                        logs.update(codebook_logs)
                         acc.log(logs, step=state.step)
-                        progress.set_postfix(mel=f"{logs['loss/mel']:.3f}",
+                        usage = "/".join(f"{100 * v:.0f}" for k, v in codebook_logs.items() if "/usage_" in k)
+                        progress.set_postfix(mel=f"{logs['loss/mel']:.3f}", codes_used=f"{usage}%",
                                              audio_s_per_s=f"{logs['perf/audio_seconds_per_second']:.1f}")
                         data_wait, window_start, audio_seconds = 0.0, time.monotonic(), 0.0
                     if config.validation_steps and state.step % config.validation_steps == 0:

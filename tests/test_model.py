@@ -14,8 +14,8 @@ from accelerate import PartialState
 from snac_accel.config import MODEL_PRESETS
 from snac_accel.hub import save_pretrained
 from snac_accel.losses import MultiScaleMelLoss
-from snac_accel.model import (DeadCodeRestarter, build_generator, code_counts, codebook_statistics, freeze,
-                              generator_from_pretrained)
+from snac_accel.codebook import DeadCodeRestarter, code_counts, codebook_statistics
+from snac_accel.model import build_generator, freeze, generator_from_pretrained
 
 from .conftest import tiny_config
 
@@ -214,12 +214,14 @@ def test_decoder_only_fine_tune_keeps_the_starting_codes(tmp_path, demo_dir):
 def test_codebook_statistics_from_known_codes():
     codes = [torch.tensor([[0, 0, 1, 1]]), torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])]
     stats = codebook_statistics(codes, codebook_size=4)
-    assert set(stats) == {"codebook/usage_level0", "codebook/perplexity_level0",
-                          "codebook/usage_level1", "codebook/perplexity_level1"}
+    assert set(stats) == {f"codebook/{name}_level{level}" for name in ("usage", "perplexity", "efficiency")
+                          for level in (0, 1)}
     torch.testing.assert_close(stats["codebook/usage_level0"], torch.tensor(0.5))
     torch.testing.assert_close(stats["codebook/perplexity_level0"], torch.tensor(2.0))
+    torch.testing.assert_close(stats["codebook/efficiency_level0"], torch.tensor(0.5))  # 1 bit of log2(4) = 2
     torch.testing.assert_close(stats["codebook/usage_level1"], torch.tensor(1.0))
     torch.testing.assert_close(stats["codebook/perplexity_level1"], torch.tensor(4.0))
+    torch.testing.assert_close(stats["codebook/efficiency_level1"], torch.tensor(1.0))
 
     # Two processes: the reduce function sums their histograms before any statistic is taken.
     other = [torch.tensor([[2, 3, 2, 3]]), torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0]])]
@@ -322,7 +324,8 @@ import json, sys
 import torch
 from accelerate import Accelerator
 from snac_accel.config import MODEL_PRESETS
-from snac_accel.model import DeadCodeRestarter, build_generator, code_counts, codebook_statistics
+from snac_accel.codebook import DeadCodeRestarter, code_counts, codebook_statistics
+from snac_accel.model import build_generator
 
 accelerator = Accelerator(cpu=True)
 torch.manual_seed(0)

@@ -1,0 +1,287 @@
+"""Codebook health and care: usage statistics, data-driven seeding and dead-code restarts.
+
+A residual VQ codec only carries information when its codes are used: a level that maps every
+frame to one code transmits nothing however low the training loss goes. This module measures that
+(usage, perplexity, bitrate efficiency = entropy of the code histogram / log2 codebook size, the
+figure DAC reports), starts codebooks where the encoder's vectors are (`seed_codebooks`), and
+re-seeds codes that fall out of use (`DeadCodeRestarter`). Every decision is identical on all
+processes: histograms are summed and candidate vectors gathered across processes, and random
+choices come from generators seeded by (seed, step, level).
+
+The quantizer is reached through SNAC's attribute names (``model.quantizer.quantizers``, each with
+``in_proj``, ``out_proj``, ``codebook``, ``stride`` and ``decode_latents``), so the functions work
+on `snac.SNAC` and `snac_accel.model.SnacGenerator` alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+
+logger = get_logger(__name__)
+
+TensorFn = Callable[[torch.Tensor], torch.Tensor]
+COLLAPSE_USAGE = 0.10  # below this share of its codebook on validation clips a level is called collapsed
+SEED_METHODS = ("kmeans", "sample", "none")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def code_counts(codes: Sequence[torch.Tensor], codebook_size: int, reduce: Optional[TensorFn] = None) -> torch.Tensor:
+    """How often each code occurs, [levels, codebook_size] float32.
+
+    ``reduce`` sums across processes (the trainer passes ``lambda t: accelerator.reduce(t, "sum")``);
+    one collective covers all levels.
+    """
+    counts = torch.stack([torch.bincount(c.flatten(), minlength=codebook_size) for c in codes]).float()
+    return reduce(counts) if reduce is not None else counts
+
+
+def histogram_statistics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per level of a [levels, codebook_size] histogram: usage, entropy (bits), perplexity, efficiency.
+
+    usage = share of codes seen at least once; perplexity = 2**entropy (codebook_size when all codes
+    are equally used, 1 when one code takes everything); efficiency = entropy / log2(codebook_size),
+    DAC's bitrate efficiency. Values stay tensors: no device sync until logged.
+    """
+    probs = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    entropy = -torch.special.xlogy(probs, probs).sum(-1) / math.log(2)
+    return {"usage": (counts > 0).float().mean(-1), "entropy_bits": entropy, "perplexity": torch.exp2(entropy),
+            "efficiency": entropy / math.log2(counts.shape[-1])}
+
+
+def codebook_statistics(codes: Sequence[torch.Tensor], codebook_size: int, reduce: Optional[TensorFn] = None,
+                        counts: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """Per level, as tracker keys: ``codebook/{usage,perplexity,efficiency}_levelN``.
+
+    Pass ``counts`` from `code_counts` to reuse an already reduced histogram.
+    """
+    if counts is None:
+        counts = code_counts(codes, codebook_size, reduce)
+    stats = histogram_statistics(counts)
+    return {f"codebook/{name}_level{level}": stats[name][level]
+            for level in range(counts.shape[0]) for name in ("usage", "perplexity", "efficiency")}
+
+
+def collapse_warnings(usage: Sequence[float], codebook_size: int, where: str) -> list[str]:
+    """One line per level whose usage fell below `COLLAPSE_USAGE`, naming what to try."""
+    return [f"level {level} collapsed: it uses {share:.1%} of its {codebook_size} codes on {where}; its tokens "
+            "carry little information. Try --codebook_init kmeans (fresh models), a smaller --dead_code_steps, "
+            "a lower --learning_rate or a longer run"
+            for level, share in enumerate(usage) if share < COLLAPSE_USAGE]
+
+
+# ----------------------------------------------------------------------------- seeding
+
+
+def kmeans(vectors: torch.Tensor, k: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` centroids [k, D] of ``vectors`` [N, D] under SNAC's cosine code search (k-means++ start).
+
+    Assignment is by cosine similarity, as the quantizer looks codes up; a centroid is the plain
+    mean of its vectors, so a code starts at the scale of the latents it stands for (the commitment
+    loss compares unnormalised vectors). An empty cluster takes a random vector. With fewer vectors
+    than codes, the missing rows are random vectors plus a little noise, so no two codes tie. Runs
+    on the vectors' device; random choices come from the CPU ``generator``.
+    """
+    vectors = vectors.float()
+    n = vectors.shape[0]
+    unit = F.normalize(vectors, dim=-1)
+    if n >= k:
+        centroids = vectors[_spread_picks(unit, k, generator)] if iterations else \
+            vectors[torch.randperm(n, generator=generator)[:k]]
+    else:
+        extra = vectors[torch.randint(n, (k - n,), generator=generator)]
+        noise = 0.01 * extra.std() * torch.randn(extra.shape, generator=generator).to(vectors.device)
+        centroids = torch.cat([vectors, extra + noise])
+    for _ in range(iterations):
+        assign = (unit @ F.normalize(centroids, dim=-1).T).argmax(-1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, vectors)
+        sizes = torch.bincount(assign, minlength=k)
+        empty = sizes == 0
+        centroids = torch.where(empty[:, None], centroids, sums / sizes.clamp(min=1)[:, None])
+        if empty.any() and n >= k:
+            centroids[empty] = vectors[torch.randint(n, (int(empty.sum()),), generator=generator)]
+    return centroids
+
+
+def _spread_picks(unit: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding under cosine distance: each next pick favours vectors far from those picked."""
+    picks = [int(torch.randint(unit.shape[0], (), generator=generator))]
+    distance = (1 - unit @ unit[picks[0]]).clamp(min=0).square()
+    for _ in range(k - 1):
+        cumulative = distance.cumsum(0)
+        target = float(torch.rand((), generator=generator)) * cumulative[-1]
+        pick = min(int(torch.searchsorted(cumulative, target, right=True)), unit.shape[0] - 1)
+        picks.append(pick)
+        distance = torch.minimum(distance, (1 - unit @ unit[pick]).clamp(min=0).square())
+    return torch.tensor(picks)
+
+
+def sample_rows(vectors: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` distinct vectors at random (repeats with a little noise when there are fewer)."""
+    return kmeans(vectors, k, iterations=0, generator=generator)
+
+
+def _gain(module: torch.nn.Module) -> torch.Tensor:
+    """The weight-norm gain g of a `WNConv1d` (weight = g * v / |v|)."""
+    return module.parametrizations.weight.original0
+
+
+def _pool(x: torch.Tensor, stride: int) -> torch.Tensor:
+    return F.avg_pool1d(x, stride, stride) if stride > 1 else x
+
+
+@torch.no_grad()
+def seed_codebooks(model: Any, audio: Iterable[torch.Tensor], method: str = "kmeans", iterations: int = 20,
+                   seed: int = 0, gather: Optional[TensorFn] = None, broadcast: Optional[TensorFn] = None,
+                   unit_scale: bool = True) -> dict[str, Any]:
+    """Start every codebook from the encoder's own vectors, coarse level first.
+
+    Level ``l`` sees the residual left by the already seeded levels above it, exactly as in
+    training, so each level is seeded where its inputs actually lie. ``audio`` are batches
+    [B, 1, T] of this process; ``gather`` concatenates a tensor from all processes along dim 0 and
+    ``broadcast`` copies rank 0's tensor to all, so every replica writes the same rows. Returns
+    what was done (method, vectors per level, latent scale) for the run's records.
+
+    ``unit_scale`` first rescales each level's projections so its latents have unit RMS: the
+    in-projection's weight-norm gain is multiplied by 1 / RMS(z_e) and the out-projection's divided
+    by it, so with zero biases the decoder sees inputs of the same size as before. A fresh
+    encoder's latents are tiny (RMS about 0.005 for `tiny`): an Adam step moves them by a large
+    share of their spread in one common direction, and the cosine code search then sends every
+    frame to one code within a few steps. At unit scale the same steps are small against the
+    spread between frames.
+    """
+    if method not in SEED_METHODS:
+        raise ValueError(f"codebook seeding method {method!r}; choose among {', '.join(SEED_METHODS)}")
+    quantizers = model.quantizer.quantizers
+    residuals = [model.encoder(model.preprocess(batch)) for batch in audio]
+    record: dict[str, Any] = {"method": method, "vectors": []}
+    for level, vq in enumerate(quantizers):
+        latents = [vq.in_proj(_pool(residual, vq.stride)) for residual in residuals]
+        vectors = torch.cat([z_e.transpose(1, 2).reshape(-1, z_e.shape[1]) for z_e in latents]).float()
+        if gather is not None:
+            vectors = gather(vectors.contiguous())
+        vectors = vectors[torch.isfinite(vectors).all(-1)]
+        if unit_scale and vectors.shape[0] > 0:
+            scale = vectors.pow(2).mean().clamp(min=1e-24).rsqrt().reshape(1)
+            if broadcast is not None:
+                scale = broadcast(scale)
+            _gain(vq.in_proj).mul_(scale.to(_gain(vq.in_proj).dtype))
+            _gain(vq.out_proj).div_(scale.to(_gain(vq.out_proj).dtype))
+            latents = [vq.in_proj(_pool(residual, vq.stride)) for residual in residuals]
+            vectors = vectors * scale
+            record.setdefault("latent_scale", []).append(float(scale))
+        weight = vq.codebook.weight
+        if method != "none" and vectors.shape[0] > 0:
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + 17) * 1009 + level)
+            rows = (kmeans(vectors, weight.shape[0], iterations, generator) if method == "kmeans"
+                    else sample_rows(vectors, weight.shape[0], generator))
+            rows = rows.to(weight.device, weight.dtype)
+            if broadcast is not None:
+                rows = broadcast(rows)
+            weight.copy_(rows)
+        record["vectors"].append(int(vectors.shape[0]))
+        if level + 1 < len(quantizers):  # the next level quantizes what this one leaves
+            for i, z_e in enumerate(latents):
+                z_q = vq.out_proj(vq.decode_latents(z_e)[0])
+                residuals[i] = residuals[i] - z_q.repeat_interleave(vq.stride, dim=-1)
+    logger.info(f"codebooks seeded ({method}) from {record['vectors']} encoder vectors per level",
+                main_process_only=True)
+    return record
+
+
+# ----------------------------------------------------------------------------- dead-code restarts
+
+
+class DeadCodeRestarter:
+    """Re-seeds codes left unused for ``dead_steps`` optimizer steps from current encoder vectors.
+
+    Dead codes waste bits and never recover on their own (no encoder vector is near them, so the
+    codebook loss never moves them). Usage comes from cross-process-summed counts and the choice
+    from a generator seeded by (seed, step, level) over vectors gathered from every process, so
+    all replicas write the same rows and stay identical without a broadcast. Codebooks frozen with
+    ``requires_grad=False`` are left alone. Holds ``state_dict``/``load_state_dict`` for
+    ``accelerator.register_for_checkpointing``.
+    """
+
+    def __init__(self, n_levels: int, codebook_size: int, dead_steps: int, seed: int = 0) -> None:
+        if dead_steps < 1:
+            raise ValueError("dead_steps must be at least 1")
+        self.dead_steps = dead_steps
+        self.seed = seed
+        self.unused_steps = torch.zeros(n_levels, codebook_size, dtype=torch.long)
+        self.used = torch.zeros(n_levels, codebook_size, dtype=torch.bool)
+        self.restarted = torch.zeros(n_levels, dtype=torch.long)
+
+    def observe(self, counts: torch.Tensor) -> None:
+        """Record the codes used by one micro-batch; ``counts`` must already be summed across processes."""
+        self.used |= counts.detach().cpu() > 0
+
+    def generator(self, step: int, level: int) -> torch.Generator:
+        """The same CPU generator on every process for this (seed, step, level)."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1009 + level)
+
+    @torch.no_grad()
+    def step(self, model: Any, latents: Sequence[torch.Tensor], step: int,
+             gather: Optional[TensorFn] = None, optimizer: Optional[torch.optim.Optimizer] = None
+             ) -> dict[str, torch.Tensor]:
+        """Close one optimizer step: age unused codes and re-seed the dead ones; returns counts per level.
+
+        Call once per optimizer update on every process, after ``optimizer.step()``. ``latents`` are
+        `GeneratorOutput.latents` of the current batch ([B, D, T_level] per level); ``gather``
+        concatenates a tensor from all processes along dim 0 (``accelerator.gather``). Given the
+        optimizer, the Adam moments of re-seeded rows are zeroed so stale momentum does not drag
+        the new vectors away. Non-finite candidates are never used. Counts come back as 0-d
+        tensors, like the trainer's other logs.
+        """
+        quantizers = model.quantizer.quantizers
+        if len(quantizers) != self.unused_steps.shape[0]:
+            raise ValueError(f"the model has {len(quantizers)} quantizer levels, the restarter tracks "
+                             f"{self.unused_steps.shape[0]}")
+        self.unused_steps = torch.where(self.used, 0, self.unused_steps + 1)
+        self.used.zero_()
+        logs = {}
+        for level, vq in enumerate(quantizers):
+            weight = vq.codebook.weight
+            dead = (self.unused_steps[level] >= self.dead_steps).nonzero().flatten()
+            logs[f"codebook/restarted_level{level}"] = torch.tensor(0)
+            if dead.numel() == 0 or not weight.requires_grad:
+                continue
+            z_e = latents[level].detach().contiguous()
+            if gather is not None:
+                z_e = gather(z_e)
+            candidates = z_e.transpose(1, 2).reshape(-1, z_e.shape[1])
+            candidates = candidates[torch.isfinite(candidates).all(-1)]
+            if candidates.shape[0] == 0:
+                continue
+            generator = self.generator(step, level)
+            if candidates.shape[0] >= dead.numel():
+                pick = torch.randperm(candidates.shape[0], generator=generator)[:dead.numel()]
+            else:
+                pick = torch.randint(candidates.shape[0], (dead.numel(),), generator=generator)
+            rows = dead.to(weight.device)
+            weight[rows] = candidates[pick.to(candidates.device)].to(weight.dtype)
+            if optimizer is not None:
+                state = getattr(optimizer, "optimizer", optimizer).state.get(weight, {})
+                for value in state.values():
+                    if torch.is_tensor(value) and value.shape == weight.shape:
+                        value[rows] = 0
+            self.unused_steps[level, dead] = 0
+            self.restarted[level] += dead.numel()
+            logs[f"codebook/restarted_level{level}"] = torch.tensor(dead.numel())
+            logger.debug(f"step {step}: re-seeded {dead.numel()} dead codes of level {level}", main_process_only=True)
+        return logs
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"unused_steps": self.unused_steps.clone(), "used": self.used.clone(),
+                "restarted": self.restarted.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.unused_steps = state["unused_steps"].clone()
+        self.used = state["used"].clone()
+        self.restarted = state["restarted"].clone()
