@@ -181,14 +181,26 @@ rendezvous_flags() {
 launch_forwarding_signals() {
   "$@" &
   local launcher=$! status=0
-  trap 'pkill -TERM -P '"$launcher"' || true' TERM
-  trap 'pkill -USR1 -P '"$launcher"' || true' USR1
+  trap 'signal_children TERM '"$launcher" TERM
+  trap 'signal_children USR1 '"$launcher" USR1
   while true; do
     wait "$launcher" && status=0 || status=$?
     kill -0 "$launcher" 2>/dev/null || break
   done
   trap - TERM USR1
   exit "$status"
+}
+
+# kill -SIGNAL the children of a process, found in /proc (procps' pkill is not on every machine).
+signal_children() {
+  local stat line fields
+  for stat in /proc/[0-9]*/stat; do
+    { read -r line < "$stat"; } 2>/dev/null || continue
+    read -ra fields <<< "${line##*) }"  # after the command name: state, parent pid, ...
+    if [[ "${fields[1]}" == "$2" ]]; then
+      kill "-$1" "${stat//[^0-9]/}" 2>/dev/null || true
+    fi
+  done
 }
 
 demo() {
