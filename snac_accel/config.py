@@ -388,7 +388,7 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     """CLI -> TrainConfig. ``--config FILE`` (YAML or JSON) sets values that CLI options override."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    finder = argparse.ArgumentParser(add_help=False)
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     finder.add_argument("--config", default=None)
     config_path = finder.parse_known_args(argv)[0].config
     words: list[str] = []
