@@ -93,10 +93,14 @@ class OutputDirLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         me = _this_holder()
         text = json.dumps(me)
-        # Serialise the takeover of a stale lock between processes of this host (flock on the folder).
+        # Serialise the takeover of a stale lock between processes of this host (flock on the folder;
+        # best effort: NFS may refuse a lock on a folder, and O_EXCL alone still keeps two runs apart).
         guard = os.open(self.folder, os.O_RDONLY)
         try:
-            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(guard, fcntl.LOCK_EX)
+            except OSError:
+                pass
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
