@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # snac-accel launcher.
 #   ./launch.sh                 set up, then a ~5 minute demo training on the bundled clips
-#   ./launch.sh setup           create/refresh .venv (seconds when nothing changed)
+#   ./launch.sh setup           create/refresh .venv (seconds when nothing changed) and check that
+#                               FFmpeg decodes audio (as root with apt-get: installs Debian's ffmpeg)
 #   ./launch.sh test [ARGS]     set up, then the test suite (pytest ARGS)
 #   ./launch.sh train [--accelerate-config NAME] [training options]
 #       NAME: a file of accelerate_configs/ (cpu, single_gpu, multi_gpu, multi_node); without it,
@@ -13,30 +14,92 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
+DEMO_CLIP=snac_accel/demo_data/validation/clip_004.flac
 
 setup() {
   local stamp
   stamp=$(cat setup.cfg pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
   if [[ ! -x "$PY" || "$(cat "$VENV/.snac-accel-stamp" 2>/dev/null)" != "$stamp" ]]; then
-    echo "setting up $VENV (first run or requirements changed)"
-    [[ -x "$PY" ]] || "$PYTHON" -m venv "$VENV"
-    "$PY" -m pip install --quiet --upgrade pip
-    "$PY" -m pip install --quiet -c constraints.txt -e ".[dev,tracking]"
+    echo "setting up $VENV: installing the Python packages (first run or requirements changed; minutes)"
+    [[ -x "$PY" ]] || make_venv
+    quietly "upgrading pip" "$PY" -m pip install --upgrade pip
+    quietly "installing snac-accel and its packages" \
+      "$PY" -m pip install -c constraints.txt -e ".[dev,tracking]"
     echo "$stamp" > "$VENV/.snac-accel-stamp"
   fi
   check_ffmpeg
 }
 
+# Run a noisy command with its output in $VENV/setup.log; show the log's end only when it fails.
+quietly() {
+  local what=$1
+  shift
+  mkdir -p "$VENV"
+  if ! "$@" > "$VENV/setup.log" 2>&1; then
+    echo "setup failed while $what; the end of $VENV/setup.log:" >&2
+    grep -v "^WARNING: Location .* is ignored" "$VENV/setup.log" | tail -n 25 >&2
+    exit 1
+  fi
+}
+
+# Debian's package(s), installed when we may (root with apt-get); false when not installed.
+apt_install() {
+  [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null || return 1
+  echo "installing Debian's $* (apt-get)"
+  local log
+  log=$(mktemp)
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"; } > "$log" 2>&1; then
+    tail -n 10 "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  rm -f "$log"
+}
+
+# The one command that installs a system package (Debian's name), for the error line.
+install_hint() {
+  local sudo="sudo "
+  [[ $(id -u) -eq 0 ]] && sudo=""
+  if command -v apt-get >/dev/null; then
+    echo "Run: ${sudo}apt-get install $*"
+  else
+    echo "Install with your package manager what Debian calls: $*"
+  fi
+}
+
+# A Python of 3.10 or newer with a working venv module (Debian ships it apart: python3-venv).
+make_venv() {
+  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "snac-accel needs Python 3.10 or newer; $PYTHON is $("$PYTHON" --version 2>&1 || echo missing)." \
+      "Run with PYTHON=python3.11 (or another 3.10+) ./launch.sh" >&2
+    exit 1
+  fi
+  if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+    local package
+    package="python$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"
+    apt_install "$package" || {
+      echo "$PYTHON cannot create a virtual environment (no ensurepip). $(install_hint "$package")" >&2
+      exit 1
+    }
+  fi
+  "$PYTHON" -m venv "$VENV"
+}
+
+# torchcodec (0.17) loads FFmpeg only when it first decodes, so importing it proves nothing:
+# decode a bundled demo clip.
+ffmpeg_decodes() {
+  "$PY" -c 'import sys
+from torchcodec.decoders import AudioDecoder
+sys.exit(AudioDecoder(sys.argv[1]).get_all_samples().data.numel() == 0)' "$DEMO_CLIP" >/dev/null 2>&1
+}
+
 check_ffmpeg() {
-  if "$PY" -c "import torchcodec.decoders" 2>/dev/null; then
+  ffmpeg_decodes && return
+  if apt_install ffmpeg && ffmpeg_decodes; then
     return
   fi
-  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-    echo "torchcodec cannot load FFmpeg: installing Debian's ffmpeg"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null
-    "$PY" -c "import torchcodec.decoders" && return
-  fi
-  echo "torchcodec cannot load the FFmpeg shared libraries. Run: sudo apt-get install ffmpeg" >&2
+  echo "torchcodec cannot decode audio: FFmpeg's shared libraries are missing or do not load." \
+    "$(install_hint ffmpeg)" >&2
   exit 1
 }
 
@@ -118,14 +181,26 @@ rendezvous_flags() {
 launch_forwarding_signals() {
   "$@" &
   local launcher=$! status=0
-  trap 'pkill -TERM -P '"$launcher"' || true' TERM
-  trap 'pkill -USR1 -P '"$launcher"' || true' USR1
+  trap 'signal_children TERM '"$launcher" TERM
+  trap 'signal_children USR1 '"$launcher" USR1
   while true; do
     wait "$launcher" && status=0 || status=$?
     kill -0 "$launcher" 2>/dev/null || break
   done
   trap - TERM USR1
   exit "$status"
+}
+
+# kill -SIGNAL the children of a process, found in /proc (procps' pkill is not on every machine).
+signal_children() {
+  local stat line fields
+  for stat in /proc/[0-9]*/stat; do
+    { read -r line < "$stat"; } 2>/dev/null || continue
+    read -ra fields <<< "${line##*) }"  # after the command name: state, parent pid, ...
+    if [[ "${fields[1]}" == "$2" ]]; then
+      kill "-$1" "${stat//[^0-9]/}" 2>/dev/null || true
+    fi
+  done
 }
 
 # A fixed number of steps (not wall time): the demo's codec is the same on every machine. The tiny
@@ -146,7 +221,7 @@ demo() {
 cmd=${1:-demo}
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
-  setup) setup ;;
+  setup) setup; echo "ready: $VENV (packages installed, FFmpeg decodes audio)" ;;
   test) setup; exec "$PY" -m pytest "$@" ;;
   train) setup; train "$@" ;;
   demo) setup; demo ;;

@@ -10,12 +10,13 @@ from .config import ConfigError, parse_args
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = parse_args(argv)
     except ConfigError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=getattr(logging, config.log_level.upper()))
     from .data import DataError
     from .trainer import train
 

@@ -1,38 +1,46 @@
 """`SnacTrainer`: the GAN training loop of a SNAC codec on HuggingFace Accelerate.
 
-The step, in the order that makes fp16 with two optimizers and one GradScaler correct
-(see shared/ACCELERATE-NOTES.md):
+The step (see shared/ACCELERATE-NOTES.md):
 1. one ``accelerator.accumulate(generator, discriminator)`` block per batch;
 2. generator forward -> reconstruction, codes, VQ losses;
 3. discriminator: backward on real and fake.detach(), unscale its optimizer only, clip, step;
 4. generator: the discriminator is frozen (no gradient, no all-reduce), backward on mel +
    adversarial + feature matching + commitment + codebook, unscale, clip, step;
-5. schedulers step once per optimizer update; a non-finite loss or gradient skips the update.
+5. each optimizer's update is booked on its own: its scheduler steps only when it stepped, and a
+   non-finite loss or gradient skips that update and is counted for that model.
+
+fp16: accelerate's one GradScaler, updated inside every optimizer's ``step``, would change the scale
+between the discriminator's step and the generator's last micro-batch, so with accumulation the
+generator's update would mix two scales. Each optimizer has its own GradScaler instead, driven here:
+its micro-batches are scaled, unscaled and checked with one scale, updated once per optimizer step.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import re
 import shutil
 import signal
 import time
-from contextlib import nullcontext
+import weakref
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, broadcast, set_seed
+from accelerate.utils import GradScalerKwargs, ProjectConfiguration, broadcast, broadcast_object_list, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from . import data as data_lib
+from .checkpoints import OutputDirLock, OutputDirLocked
 from .config import ConfigError, TrainConfig
 from .discriminators import Discriminator
 from .hub import HubTokenError, describe_training_data, export_folder, push_to_hub
@@ -45,6 +53,9 @@ from .model import SnacGenerator, build_generator, freeze, generator_from_pretra
 logger = get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)$")
+MODELS = ("generator", "discriminator")
+# What became of one optimizer's update at the end of an accumulation window.
+STEPPED, NONFINITE, BACKOFF = "stepped", "non-finite", "scaler back-off"
 
 
 class NonFiniteError(RuntimeError):
@@ -58,8 +69,11 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-    skipped_updates: int = 0
-    nonfinite_in_row: int = 0
+    # Per model (generator, discriminator): updates skipped, non-finite ones in a row (what stops a
+    # run), and fp16 loss-scale back-offs (overflows at a scale above 1: the scaler's normal search).
+    skipped_updates: dict = field(default_factory=lambda: dict.fromkeys(MODELS, 0))
+    nonfinite_in_row: dict = field(default_factory=lambda: dict.fromkeys(MODELS, 0))
+    scaler_backoffs: dict = field(default_factory=lambda: dict.fromkeys(MODELS, 0))
     bad_files: int = 0
     best_val_mel: float = math.inf
     best_step: int = -1
@@ -69,6 +83,10 @@ class TrainState:
         return dict(self.__dict__)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        for key in ("skipped_updates", "nonfinite_in_row"):  # earlier checkpoints: one count for both models
+            if isinstance(state.get(key), int):
+                state[key] = {"generator": state[key], "discriminator": 0}
         self.__dict__.update(state)
 
 
@@ -89,6 +107,16 @@ def resolve_resume_path(config: TrainConfig) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+class _QuietCheckpointLogs(logging.Filter):
+    """Drops accelerate's INFO lines; a failed random-state load (only INFO there) becomes a warning,
+    since a resume without them is not exact."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and "Could not load random states" in record.getMessage():
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return record.levelno >= logging.WARNING
+
+
 class SnacTrainer:
     """Builds everything from a `TrainConfig` and runs the loop; `fit()` returns the export folder."""
 
@@ -106,8 +134,20 @@ class SnacTrainer:
             log_with=log_with,
             project_config=ProjectConfiguration(project_dir=str(output_dir),
                                                 logging_dir=str(output_dir / config.logging_dir)),
+            # fp16: accelerate's shared GradScaler stays off; each optimizer gets its own (module docstring).
+            kwargs_handlers=[GradScalerKwargs(enabled=False)],
         )
         self._check_launch()
+        self.lock = self._lock_output_dir()
+        weakref.finalize(self, self.lock.release)  # a trainer that is never fit() frees the folder too
+        try:
+            self._build()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self) -> None:
+        config, output_dir = self.config, Path(self.config.output_dir)
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -135,6 +175,10 @@ class SnacTrainer:
             self.restarter = DeadCodeRestarter(len(g.vq_strides), g.codebook_size, config.dead_code_steps,
                                                seed=config.seed)
             self.accelerator.register_for_checkpointing(self.restarter)
+        self.scalers: dict[str, torch.amp.GradScaler] = {}
+        if self.accelerator.mixed_precision == "fp16":  # registered after the others, as the restarter
+            self.scalers = {name: torch.amp.GradScaler(self.accelerator.device.type) for name in MODELS}
+            self.accelerator.register_for_checkpointing(*self.scalers.values())
         self.mel_loss = MultiScaleMelLoss(config.sampling_rate).to(self.accelerator.device)
         self.stft_loss = MultiScaleSTFTLoss().to(self.accelerator.device)
         self.disc_loss = DiscriminatorLoss()
@@ -146,6 +190,22 @@ class SnacTrainer:
         self.window_counts: Optional[torch.Tensor] = None  # code histogram since the last logging step
 
     # ------------------------------------------------------------------ building
+
+    def _lock_output_dir(self) -> OutputDirLock:
+        """Own the output folder before anything is written; the main process holds the lock and
+        tells the others, so that every process of a refused run stops with the same line."""
+        lock = OutputDirLock(self.config.output_dir)
+        refused = None
+        if self.accelerator.is_main_process:
+            try:
+                lock.acquire()
+            except OutputDirLocked as err:
+                refused = str(err)
+        if self.accelerator.num_processes > 1:
+            refused = broadcast_object_list([refused])[0]
+        if refused:
+            raise OutputDirLocked(refused)
+        return lock
 
     def _check_launch(self) -> None:
         """Refuse `--multi_gpu` without CUDA or ACCELERATE_USE_CPU: it starts unsynchronised copies."""
@@ -242,12 +302,13 @@ class SnacTrainer:
             return self.ema.module
         return self.unwrapped_generator
 
-    def _clip(self, model: torch.nn.Module, optimizer: Any, max_norm: Optional[float]) -> torch.Tensor:
-        """Unscale this optimizer only (never all of them, see the notes), then clip this model.
+    def _backward(self, loss: torch.Tensor, name: str) -> None:
+        scaler = self.scalers.get(name)
+        self.accelerator.backward(scaler.scale(loss) if scaler is not None else loss)
 
-        ``max_norm`` 0 (the SNAC recipe) measures the norm for the logs and clips nothing.
-        """
-        self.accelerator.unscale_gradients(optimizer=optimizer)
+    def _clip(self, model: torch.nn.Module, max_norm: Optional[float]) -> torch.Tensor:
+        """Clip this model's (already unscaled) gradients; ``max_norm`` 0 (the SNAC recipe) only
+        measures the norm for the logs."""
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.accelerator.device)
@@ -255,10 +316,36 @@ class SnacTrainer:
             return torch.nn.utils.get_total_norm(grads)
         return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
 
-    def _all_finite(self, *values: torch.Tensor) -> bool:
-        """Every process agrees: one all-reduce of a flag."""
-        bad = torch.tensor(float(not all(torch.isfinite(v).all() for v in values)), device=self.accelerator.device)
-        return self.accelerator.reduce(bad, reduction="sum").item() == 0
+    def _all_finite(self, *values: torch.Tensor) -> list[bool]:
+        """Whether each value is finite on every process: one all-reduce for all of them."""
+        bad = torch.stack([(~torch.isfinite(v)).any().float() for v in values]).to(self.accelerator.device)
+        return [flag == 0 for flag in self.accelerator.reduce(bad, reduction="sum").tolist()]
+
+    def _update(self, name: str, model: torch.nn.Module, optimizer: Any, loss: torch.Tensor, max_norm: float,
+                logs: dict[str, torch.Tensor]) -> str:
+        """The end of one optimizer's accumulation window: unscale with its own scale, clip, check, step.
+
+        Returns STEPPED, NONFINITE, or BACKOFF (fp16: a gradient overflowed at a loss scale above 1,
+        so the scaler lowers the scale; a finite loss makes it a scaling matter, not a diverged model).
+        """
+        scaler = self.scalers.get(name)
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        norm = self._clip(model, max_norm)
+        logs[f"grad_norm/{name}"] = norm.detach()
+        loss_ok, grad_ok = self._all_finite(loss.detach(), norm)
+        if scaler is not None:
+            if loss_ok:
+                scaler.step(optimizer)  # the scaler skips the step itself when a gradient is not finite
+            scaler.update()
+            grad_ok = scaler.get_scale() >= scale  # the scale drops exactly when the scaler found an overflow
+        elif loss_ok and grad_ok:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if loss_ok and grad_ok:
+            return STEPPED
+        return BACKOFF if scaler is not None and loss_ok and scale > 1 else NONFINITE
 
     # ------------------------------------------------------------------ codebook seeding
 
@@ -314,7 +401,7 @@ class SnacTrainer:
         config, acc = self.config, self.accelerator
         adversarial = self.state.step >= config.disc_start
         logs: dict[str, torch.Tensor] = {}
-        d_ok = True
+        outcomes: dict[str, str] = {}
         with acc.accumulate(self.generator, self.discriminator):
             out = self.generator(real)
             fake = out.audio
@@ -328,14 +415,10 @@ class SnacTrainer:
             if adversarial:
                 d_fake, d_real = self.discriminator(fake.detach()), self.discriminator(real)
                 loss_d = self.disc_loss(d_real, d_fake)
-                acc.backward(loss_d)
+                self._backward(loss_d, "discriminator")
                 if sync:
-                    d_norm = self._clip(self.discriminator, self.opt_d, config.disc_max_grad_norm)
-                    d_ok = self._all_finite(loss_d.detach(), d_norm)
-                    logs["grad_norm/discriminator"] = d_norm.detach()
-                if d_ok or acc.scaler is not None:  # the GradScaler skips a non-finite fp16 step itself
-                    self.opt_d.step()
-                self.opt_d.zero_grad(set_to_none=True)
+                    outcomes["discriminator"] = self._update("discriminator", self.discriminator, self.opt_d, loss_d,
+                                                             config.disc_max_grad_norm, logs)
                 logs["loss/discriminator"] = loss_d.detach()
 
             # The generator pass goes around DDP with a frozen discriminator: no gradient lands in
@@ -353,17 +436,12 @@ class SnacTrainer:
                 adv, fm = self.adv_loss(d_fake), self.fm_loss(d_real, d_fake)
                 loss_g = loss_g + config.adversarial_weight * adv + config.feature_matching_weight * fm
                 logs["loss/adversarial"], logs["loss/feature_matching"] = adv.detach(), fm.detach()
-            acc.backward(loss_g)
+            self._backward(loss_g, "generator")
             discriminator.requires_grad_(True)
-            g_ok = True
             if sync:
-                g_norm = self._clip(self.generator, self.opt_g, config.max_grad_norm)
-                g_ok = self._all_finite(loss_g.detach(), g_norm)
-                logs["grad_norm/generator"] = g_norm.detach()
-            if g_ok or acc.scaler is not None:
-                self.opt_g.step()
-            self.opt_g.zero_grad(set_to_none=True)
-            if sync and self.restarter is not None and g_ok and d_ok:
+                outcomes["generator"] = self._update("generator", self.generator, self.opt_g, loss_g,
+                                                     config.max_grad_norm, logs)
+            if sync and self.restarter is not None and outcomes["generator"] == STEPPED:
                 logs.update(self.restarter.step(self.unwrapped_generator, out.latents, self.state.step,
                                                 gather=acc.gather, optimizer=self.opt_g))
 
@@ -373,7 +451,7 @@ class SnacTrainer:
             logs[f"loss/commitment_level{level}"] = commitment.detach()
             logs[f"loss/codebook_level{level}"] = codebook.detach()
         if sync:
-            self._after_update(g_ok and d_ok, out)
+            self._after_update(outcomes, out)
         return logs
 
     def _codebook_window_logs(self) -> dict[str, float]:
@@ -388,25 +466,42 @@ class SnacTrainer:
         self.window_counts = None
         return {key: value.item() for key, value in stats.items()}
 
-    def _after_update(self, finite: bool, out: Any) -> None:
+    def _after_update(self, outcomes: dict[str, str], out: Any) -> None:
+        """Book each model's update on its own: its scheduler steps only when it stepped, the EMA
+        follows the generator, and max_nonfinite_steps non-finite updates in a row of either model
+        stop the run (a discriminator that never updates any more would train the generator
+        against a frozen critic)."""
         state = self.state
-        if finite:
-            state.nonfinite_in_row = 0
+        for name, outcome in outcomes.items():
+            self._book(name, outcome)
+        if outcomes["generator"] == STEPPED:
             self.sched_g.step()
-            if self.state.step >= self.config.disc_start:
-                self.sched_d.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.unwrapped_generator)
-        else:
-            state.skipped_updates += 1
-            state.nonfinite_in_row += 1
-            logger.warning(f"non-finite loss or gradient at step {state.step}: update skipped "
-                           f"({state.nonfinite_in_row} in a row)")
-            if state.nonfinite_in_row >= self.config.max_nonfinite_steps:
-                raise NonFiniteError(
-                    f"{state.nonfinite_in_row} non-finite updates in a row at step {state.step}: stopping. "
-                    "The last checkpoint is intact; lower --learning_rate or use --mixed_precision bf16/no")
+        if outcomes.get("discriminator") == STEPPED:
+            self.sched_d.step()
+        stuck = [name for name in outcomes if state.nonfinite_in_row[name] >= self.config.max_nonfinite_steps]
+        if stuck:
+            raise NonFiniteError(
+                f"{state.nonfinite_in_row[stuck[0]]} non-finite updates in a row of the {' and the '.join(stuck)} "
+                f"at step {state.step}: stopping. The last checkpoint is intact; lower --learning_rate or use "
+                "--mixed_precision bf16/no")
         state.step += 1
+
+    def _book(self, name: str, outcome: str) -> None:
+        state = self.state
+        if outcome == STEPPED:
+            state.nonfinite_in_row[name] = 0
+            return
+        state.skipped_updates[name] += 1
+        if outcome == BACKOFF:
+            state.scaler_backoffs[name] += 1
+            logger.debug(f"fp16 overflow of the {name} at step {state.step}: update skipped, loss scale now "
+                         f"{self.scalers[name].get_scale():g}")
+            return
+        state.nonfinite_in_row[name] += 1
+        logger.warning(f"non-finite {name} loss or gradient at step {state.step}: its update skipped "
+                       f"({state.nonfinite_in_row[name]} in a row)")
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -429,7 +524,8 @@ class SnacTrainer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(partial))
+        with self._quiet_accelerate_checkpoint_logs():
+            acc.save_state(str(partial))
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
@@ -438,6 +534,23 @@ class SnacTrainer:
             logger.info(f"saved {final}")
         acc.wait_for_everyone()
         return final
+
+    @contextmanager
+    def _quiet_accelerate_checkpoint_logs(self) -> Iterator[None]:
+        """accelerate logs each file of a save or load at INFO (eight lines); ours says it in one.
+        ``--log_level debug`` shows them."""
+        if self.config.log_level == "debug":
+            yield
+            return
+        loggers = [logging.getLogger(name) for name in ("accelerate.checkpointing", "accelerate.accelerator")]
+        quiet = _QuietCheckpointLogs()
+        for each in loggers:
+            each.addFilter(quiet)
+        try:
+            yield
+        finally:
+            for each in loggers:
+                each.removeFilter(quiet)
 
     def _rotate_checkpoints(self) -> None:
         limit = self.config.checkpoints_total_limit
@@ -451,7 +564,8 @@ class SnacTrainer:
     def load_checkpoint(self, path: Path) -> None:
         if not path.is_dir() or not any(path.glob("model*.safetensors")) and not any(path.glob("*.bin")):
             raise ConfigError(f"{path} is not a checkpoint folder written by snac-accel (no model files)")
-        self.accelerator.load_state(str(path))
+        with self._quiet_accelerate_checkpoint_logs():
+            self.accelerator.load_state(str(path))
         logger.info(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                     f"batch {self.state.batch_in_epoch})", main_process_only=True)
 
@@ -548,7 +662,19 @@ class SnacTrainer:
         return self.accelerator.check_trigger()
 
     def fit(self) -> Path:
-        """Train to ``max_train_steps`` (or a stop signal), checkpoint, export ``output_dir/final``."""
+        """Train to ``max_train_steps`` (or a stop signal), checkpoint, export ``output_dir/final``.
+
+        The output folder stays locked from the trainer's construction until this returns or raises.
+        """
+        if self.lock is None:  # a second fit() of the same trainer
+            self.lock = self._lock_output_dir()
+        try:
+            return self._train_and_export()
+        finally:
+            self.lock.release()
+            self.lock = None
+
+    def _train_and_export(self) -> Path:
         config, acc, state = self.config, self.accelerator, self.state
         if acc.is_main_process:
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
@@ -596,8 +722,11 @@ class SnacTrainer:
                             "lr/discriminator": self.sched_d.get_last_lr()[0],
                             "data/bad_files": state.bad_files, "data/wait_share": data_wait / max(elapsed, 1e-9),
                             "perf/audio_seconds_per_second": audio_seconds / max(elapsed, 1e-9),
-                            "train/skipped_updates": state.skipped_updates,
                         })
+                        logs.update({f"train/skipped_updates_{n}": v for n, v in state.skipped_updates.items()})
+                        for name, scaler in self.scalers.items():
+                            logs[f"train/scaler_backoffs_{name}"] = state.scaler_backoffs[name]
+                            logs[f"train/loss_scale_{name}"] = scaler.get_scale()
                         logs["perf/peak_memory_gb"] = peak_memory_gb(acc.device)
                         codebook_logs = self._codebook_window_logs()
                         logs.update(codebook_logs)
@@ -609,7 +738,7 @@ class SnacTrainer:
                     if config.validation_steps and state.step % config.validation_steps == 0:
                         self._validate_and_keep_best()
                     if (config.checkpointing_steps and state.step % config.checkpointing_steps == 0
-                            and state.nonfinite_in_row == 0):
+                            and not any(state.nonfinite_in_row.values())):
                         self.save_checkpoint()
                     if self._stop_requested(started):
                         reason = f"signal {self._stop_signal}" if self._stop_signal else "--max_train_minutes"

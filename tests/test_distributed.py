@@ -260,6 +260,29 @@ def test_multi_gpu_without_cuda_or_cpu_flag_is_refused(tmp_path):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_a_locked_output_dir_stops_every_rank_in_one_line(tmp_path):
+    """The main process holds the output folder's lock and tells the other ranks: all stop, none hangs."""
+    holder = subprocess.Popen(["sleep", "300"])
+    try:
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                  "started": "earlier"}))
+        log = tmp_path / "log.txt"
+        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+               "--main_process_port", str(free_port()), "-m", "snac_accel.train", *training_options(out, 2)]
+        done = run(cmd, child_env(ACCELERATE_USE_CPU="1"), log)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode != 0
+    refusal = f"error: {out} is in use by another training run (pid {holder.pid} on {socket.gethostname()}"
+    assert [line for line in log.read_text().splitlines() if line.startswith("error:")] == [
+        line for line in log.read_text().splitlines() if line.startswith(refusal)], tail(log)
+    assert log.read_text().count(refusal) == 2, tail(log)
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+
+
 def test_two_machines_on_loopback_through_launch_sh(tmp_path):
     """launch.sh twice, as machine 0 and machine 1 of a 2-machine job with the multi_node config.
 

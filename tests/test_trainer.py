@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -100,7 +102,7 @@ def test_non_finite_updates_are_skipped_then_stop_with_checkpoint_intact(tmp_pat
     trainer.max_steps = 20
     with pytest.raises(NonFiniteError, match="3 non-finite updates in a row"):
         trainer.fit()
-    assert trainer.state.skipped_updates == 3
+    assert trainer.state.skipped_updates == {"generator": 3, "discriminator": 3}
     assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
     assert max_difference(before, weights(tmp_path / "checkpoints/checkpoint_2")) == 0
 
@@ -233,3 +235,163 @@ def test_tensorboard_gets_losses_codebook_stats_validation_and_media(tmp_path):
     assert [e.step for e in events.Scalars("val/mel_distance")] == [2, 4]
     assert "val/0/fake" in events.Tags()["audio"] and "val/0/mel_real_over_fake" in events.Tags()["images"]
     assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+def _first_update(tmp_path: Path, precision: str, last_micro_batch_hook=None) -> SnacTrainer:
+    """One optimizer update of two accumulated micro-batches, driven step by step.
+
+    The discriminator's learning rate is 0, so whether its update is taken or skipped, the
+    generator's last micro-batch sees the same critic: the generator's update then depends on its
+    own gradients and on how they were scaled, nothing else.
+    """
+    trainer = SnacTrainer(tiny_config(tmp_path, mixed_precision=precision, gradient_accumulation_steps=2,
+                                      train_batch_size=2, segment_seconds=0.25, learning_rate=1e-2, adam_epsilon=1.0,
+                                      ema_decay=0.5, validation_data_dir=None))
+    for group in trainer.opt_d.param_groups:
+        group["lr"] = 0.0
+    trainer.sampler.set_epoch(0)
+    batches = iter(trainer.train_loader)
+    trainer.train_step(next(batches)["audio"])
+    hooks = last_micro_batch_hook(trainer) if last_micro_batch_hook else []
+    trainer.train_step(next(batches)["audio"])
+    for hook in hooks:
+        hook.remove()
+    return trainer
+
+
+def _overflow(model: torch.nn.Module) -> list:
+    """What an fp16 overflow leaves in a model's gradient: an inf (the loss itself stays finite)."""
+    param = next(p for p in model.parameters() if p.requires_grad)
+    return [param.register_hook(lambda grad: torch.full_like(grad, float("inf")))]
+
+
+def test_fp16_scales_each_optimizer_on_its_own_with_accumulation(tmp_path):
+    """A discriminator overflow on the last micro-batch must not change the generator's update.
+
+    With one GradScaler for both optimizers, the discriminator's step halves the scale before the
+    generator's last backward, and the generator's update becomes 2 * g_first + g_last.
+    """
+    reference = _first_update(tmp_path / "fp32", "no")
+    start = SnacTrainer(tiny_config(tmp_path / "init", segment_seconds=0.25)).unwrapped_generator.state_dict()
+    fp16 = _first_update(tmp_path / "fp16", "fp16", lambda trainer: _overflow(trainer.discriminator))
+
+    want = reference.unwrapped_generator.state_dict()
+    got = fp16.unwrapped_generator.state_dict()
+    moved = max_difference(want, start)
+    assert moved > 1e-4
+    assert max_difference(got, want) < 1e-5 * moved  # scaled by 2**16 and back: equal to float precision
+    assert fp16.scalers["discriminator"].get_scale() == 2.0**15  # it backed off ...
+    assert fp16.scalers["generator"].get_scale() == 2.0**16  # ... and the generator's scale did not move
+
+    # Booked apart: the generator stepped (its scheduler and the EMA follow), the discriminator did not,
+    # and an fp16 back-off at a scale above 1 is the scaler's normal search, not a step towards the stop.
+    state = fp16.state
+    assert state.step == 1
+    assert state.skipped_updates == {"generator": 0, "discriminator": 1}
+    assert state.scaler_backoffs == {"generator": 0, "discriminator": 1}
+    assert state.nonfinite_in_row == {"generator": 0, "discriminator": 0}
+    assert (fp16.sched_g.last_epoch, fp16.sched_d.last_epoch) == (1, 0)
+    assert fp16.ema.n_averaged.item() == 1
+
+
+def test_discriminator_nonfinite_steps_are_booked_apart_and_stop_the_run(tmp_path):
+    trainer = SnacTrainer(tiny_config(tmp_path, train_batch_size=2, segment_seconds=0.25, max_nonfinite_steps=2,
+                                      ema_decay=0.5, validation_data_dir=None))
+    trainer.sampler.set_epoch(0)
+    batches = iter(trainer.train_loader)
+    param = next(trainer.discriminator.parameters())
+    hook = param.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    before_d = param.detach().clone()
+    trainer.train_step(next(batches)["audio"])
+    state = trainer.state
+    assert state.skipped_updates == {"generator": 0, "discriminator": 1}
+    assert state.nonfinite_in_row == {"generator": 0, "discriminator": 1}
+    assert (trainer.sched_g.last_epoch, trainer.sched_d.last_epoch, trainer.ema.n_averaged.item()) == (1, 0, 1)
+    assert torch.equal(param.detach(), before_d)
+    with pytest.raises(NonFiniteError, match="2 non-finite updates in a row of the discriminator at step 1"):
+        trainer.train_step(next(batches)["audio"])
+    hook.remove()
+
+
+def test_fp16_backoffs_count_towards_the_stop_only_at_a_scale_of_one_or_less(tmp_path):
+    trainer = SnacTrainer(tiny_config(tmp_path, mixed_precision="fp16", train_batch_size=2, segment_seconds=0.25,
+                                      max_nonfinite_steps=2, validation_data_dir=None))
+    scaler = trainer.scalers["generator"]
+    state_dict = scaler.state_dict()
+    scaler.load_state_dict({**state_dict, "scale": 4.0})
+    trainer.sampler.set_epoch(0)
+    batches = iter(trainer.train_loader)
+    _overflow(trainer.generator)
+    for scale in (4.0, 2.0, 1.0):  # back-offs at 4 and 2 are the scaler's search; at 1 the gradient itself is inf
+        trainer.train_step(next(batches)["audio"])
+        assert scaler.get_scale() == scale / 2
+    state = trainer.state
+    assert state.scaler_backoffs["generator"] == 2 and state.nonfinite_in_row["generator"] == 1
+    with pytest.raises(NonFiniteError, match="2 non-finite updates in a row of the generator at step 3"):
+        trainer.train_step(next(batches)["audio"])
+    assert state.skipped_updates == {"generator": 4, "discriminator": 0}
+
+
+def test_output_dir_is_owned_by_one_run_and_a_killed_run_resumes(tmp_path):
+    first = subprocess.Popen(_cli(tmp_path, "--max_train_steps", "100000"), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "checkpoints" / "checkpoint_2").is_dir():
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.poll() else "slow"
+            time.sleep(0.2)
+        second = subprocess.run(_cli(tmp_path, "--max_train_steps", "3"), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {tmp_path} is in use by another training run (pid {first.pid} on "), last
+        assert first.poll() is None  # the first run trains on, untouched
+    finally:
+        first.kill()  # SIGKILL: no clean-up, the lock stays behind
+        first.communicate()
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == first.pid
+    step = list_checkpoints(tmp_path / "checkpoints")[-1][0]
+    resumed = subprocess.run(_cli(tmp_path, "--max_train_steps", str(step + 1), "--resume_from_checkpoint", "latest"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"taking over the lock of {tmp_path} from pid {first.pid}" in resumed.stderr
+    assert f"resumed from {tmp_path / 'checkpoints' / f'checkpoint_{step}'} at step {step} " in resumed.stderr
+    assert list_checkpoints(tmp_path / "checkpoints")[-1][0] == step + 1
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_one_log_line_per_checkpoint_saved_or_loaded(tmp_path, caplog):
+    def lines(level: int = logging.INFO) -> tuple[list[str], list[str]]:
+        ours = [r.getMessage() for r in caplog.records
+                if r.name == "snac_accel.trainer" and "checkpoint_" in r.getMessage()]
+        theirs = [r.getMessage() for r in caplog.records if r.name.startswith("accelerate") and r.levelno >= level]
+        caplog.clear()
+        return ours, theirs
+
+    caplog.set_level(logging.INFO)
+    common = dict(segment_seconds=0.25, checkpointing_steps=1, validation_data_dir=None)
+    SnacTrainer(tiny_config(tmp_path, max_train_steps=2, **common)).fit()
+    ours, theirs = lines()
+    assert [line.split("] ")[-1] for line in ours] == [f"saved {tmp_path / 'checkpoints' / f'checkpoint_{n}'}"
+                                                       for n in (1, 2)]
+    assert theirs == []
+    SnacTrainer(tiny_config(tmp_path, max_train_steps=2, resume_from_checkpoint="latest", **common)).fit()
+    ours, theirs = lines()
+    assert len(ours) == 1 and "resumed from" in ours[0] and theirs == []
+    SnacTrainer(tiny_config(tmp_path, max_train_steps=3, resume_from_checkpoint="latest", log_level="debug",
+                            **common)).fit()
+    ours, theirs = lines()
+    assert len(ours) == 2 and len(theirs) >= 8  # accelerate's own lines come back with --log_level debug
+
+
+def test_fp16_loss_scales_are_checkpointed(tmp_path):
+    common = dict(mixed_precision="fp16", segment_seconds=0.25, train_batch_size=2, max_train_steps=1,
+                  checkpointing_steps=1, validation_data_dir=None)
+    trainer = SnacTrainer(tiny_config(tmp_path, **common))
+    scales = {"generator": 8.0, "discriminator": 2.0**20}  # not the initial 2**16, and not alike
+    for name, scale in scales.items():
+        trainer.scalers[name].load_state_dict({**trainer.scalers[name].state_dict(), "scale": scale})
+    trainer.fit()
+    resumed = SnacTrainer(tiny_config(tmp_path, resume_from_checkpoint="latest", **common))
+    resumed.fit()  # loads checkpoint_1; nothing is left to train
+    assert resumed.state.step == 1
+    assert {name: scaler.get_scale() for name, scaler in resumed.scalers.items()} == scales
