@@ -156,8 +156,6 @@ def evaluate(model: torch.nn.Module, source: Any, max_clips: Optional[int] = Non
 def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_clips: Optional[int],
               max_seconds: float, target_loudness: Optional[float], speech_metrics: Optional[bool], timing: bool,
               seed: int) -> dict[str, Any]:
-    from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
-
     config = _codec_config(model)
     sample_rate, hop, strides, size = (config["sampling_rate"], math.prod(config["encoder_rates"]),
                                        config["vq_strides"], config["codebook_size"])
@@ -205,9 +203,7 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
             counts[level] += torch.bincount(level_codes[0, :frames].flatten().cpu(), minlength=size)
 
         row = {"name": name, "samples": length, "seconds": round(seconds, 4),
-               "mel_distance": mel_loss(fake, real).item(), "stft_distance": stft_loss(fake, real).item(),
-               "si_sdr": scale_invariant_signal_distortion_ratio(fake.float(), real.float()).mean().item()}
-        row.update(_speech_scores(fake, real, sample_rate, speech, failures))
+               **clip_metrics(fake, real, mel_loss, stft_loss, sample_rate, speech, failures)}
         for key, value in row.items():
             if key not in ("name", "samples", "seconds"):
                 running.add(key, value)
@@ -240,6 +236,17 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
                            "encode_rtf": encode_seconds / seconds_total, "decode_rtf": decode_seconds / seconds_total,
                            "codec_rtf": (encode_seconds + decode_seconds) / seconds_total}
     return result
+
+
+def clip_metrics(fake: torch.Tensor, real: torch.Tensor, mel_loss: MultiScaleMelLoss, stft_loss: MultiScaleSTFTLoss,
+                 sample_rate: int, speech: dict[str, bool], failures: dict[str, int]) -> dict[str, float]:
+    """The per-file metrics of a reconstruction ``fake`` of ``real`` (both [1, 1, T])."""
+    from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
+
+    scores = {"mel_distance": mel_loss(fake, real).item(), "stft_distance": stft_loss(fake, real).item(),
+              "si_sdr": scale_invariant_signal_distortion_ratio(fake.float(), real.float()).mean().item()}
+    scores.update(_speech_scores(fake, real, sample_rate, speech, failures))
+    return scores
 
 
 def _speech_scores(fake: torch.Tensor, real: torch.Tensor, sample_rate: int, speech: dict[str, bool],
