@@ -123,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         model = load_codec(codec, device=device)
         if codes_lib.weights_sha256(codes_lib.codec_folder(codec))[1] != info["codec"]["sha256"]:
             logger.warning(f"{codec} is not the codec these codes were made with (sha256 differs)")
-        dataset = codes_lib.load_codes(args.codes_dir).sort("index")
+        dataset = codes_lib.load_codes(args.codes_dir)
         wanted = min(len(dataset), max(args.rows, args.check))
         rows = [dataset[i] for i in range(wanted)]
         for row in rows[:args.rows]:
@@ -133,9 +133,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.check > 0:
             result = check(model, info, rows[:args.check], args.seed)
             agreement = result["code_agreement"]
+            agreement = "n/a" if agreement is None else f"{agreement:.4f}"
             lines = [f"{result['clips']} rows checked against their sources",
-                     f"{'codes equal to a one-pass encode':<36}" + (f"{agreement:>10.4f}" if agreement is not None
-                                                                     else f"{'n/a':>10}")]
+                     f"{'codes equal to a one-pass encode':<36}{agreement:>10}"]
             lines += [f"{name:<36}{value:>10.4f}" for name, value in result["metrics"].items()]
             sys.stdout.write("\n".join(lines) + "\n")
             if args.output_json:

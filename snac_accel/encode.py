@@ -106,7 +106,6 @@ class OpenShard:
     shard: int
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)
     skipped: list[list[Any]] = field(default_factory=list)
-    audio_seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -143,6 +142,9 @@ class DatasetEncoder:
         config = self.config
         if not config.output_dir:
             raise EncodeError("--output_dir is required")
+        for name, value in (("CODEC", config.codec), ("DATA", config.data)):
+            if not Path(value).exists() and (value.startswith((".", "/", "~")) or value.count("/") > 1):
+                raise EncodeError(f"{name} {value}: no such file or folder, and not a Hub id (owner/name)")
         for name in ("shard_size", "batch_size"):
             if getattr(config, name) < 1:
                 raise EncodeError(f"--{name} must be at least 1")
@@ -213,20 +215,30 @@ class DatasetEncoder:
     # ------------------------------------------------------------------ encoding
 
     def run(self) -> Optional[dict[str, Any]]:
-        start = time.perf_counter()
-        runs = self._prepare_output()
-        audio_seconds, total_rows = self._encode_my_shards()
-        self.accelerator.wait_for_everyone()
-        seconds = time.perf_counter() - start
+        """Encode this process's unfinished shards; the main process then writes the card (and pushes).
+
+        Returns the summary on the main process, None on the others. An error of the main
+        process's last step is raised after the final barrier, so that no process waits forever.
+        """
         from accelerate.utils import gather_object
 
-        gathered = gather_object([(audio_seconds, total_rows)]) if self.accelerator.num_processes > 1 else [
-            (audio_seconds, total_rows)]
-        summary = None
+        start = time.perf_counter()
+        runs = self._prepare_output()
+        mine = self._encode_my_shards()
+        self.accelerator.wait_for_everyone()
+        seconds = time.perf_counter() - start
+        gathered = gather_object([mine]) if self.accelerator.num_processes > 1 else [mine]
+        summary, error = None, None
         if self.accelerator.is_main_process:
             total = self.total_rows if self.total_rows is not None else max(t for _, t in gathered)
-            summary = self._finish(runs, seconds, sum(a for a, _ in gathered), total)
+            try:
+                summary = self._finish(runs, seconds, sum(a for a, _ in gathered), total)
+            except (EncodeError, OSError, RuntimeError) as err:  # incomplete shards, a failed push
+                error = err
         self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        if error is not None:
+            raise error
         return summary
 
     def _my_shards(self, done: set[int]) -> Any:
@@ -384,7 +396,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         config = parse_args(argv)
         summary = DatasetEncoder(config, argv).run()
-    except (EncodeError, SourceError, LayoutError, data_lib.DataError, codes_lib.HubTokenError, FileNotFoundError) as err:
+    except (EncodeError, SourceError, LayoutError, data_lib.DataError, OSError) as err:  # OSError: files, Hub, token
         sys.stderr.write(f"error: {err}\n")
         return 2
     if summary is not None and summary["rows"] == 0:
