@@ -86,7 +86,8 @@ def encode(*args) -> int:
 
 
 def rows_of(folder: Path) -> list[dict]:
-    return codes_lib.load_codes(folder).sort("index").to_list()
+    """Every row, in the order `load_codes` gives (source order, which the tests check)."""
+    return codes_lib.load_codes(folder).to_list()
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +118,8 @@ def test_codes_equal_snac_encode_of_each_file_alone(one_process, codec):
             assert torch.equal(torch.tensor(row[f"codes_{k}"]), level), (row["id"], k)
         level0 |= set(row["codes_0"])
     assert len(level0) > 40, "the codec maps everything to a few codes: the comparison proves little"
-    schema = datasets.load_dataset("parquet", data_files=str(one_process / "data" / "*.parquet"), split="train").features
-    assert schema["codes_0"] == datasets.List(datasets.Value("int16"))
+    parquet = datasets.load_dataset("parquet", data_files=str(one_process / "data" / "*.parquet"), split="train")
+    assert parquet.features["codes_0"] == datasets.List(datasets.Value("int16"))
 
 
 def test_output_loads_with_datasets_and_the_card_records_the_codec(one_process, codec):
@@ -179,8 +180,8 @@ def test_a_killed_two_process_run_resumes_to_the_rows_of_one_process(one_process
     assert 2 <= len(before) < 9, f"killed after {len(before)} of 9 shards: not mid-run"
 
     with open(log, "w") as f:
-        assert subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600).returncode == 0, \
-            tail(log)
+        rerun = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    assert rerun.returncode == 0, tail(log)
     assert rows_of(out) == rows_of(one_process)
     progress = {p.name: json.loads(p.read_text()) for p in (out / ".progress").glob("shard-*.json")}
     assert sorted(info["shard"] for info in progress.values()) == list(range(9))
@@ -217,9 +218,9 @@ def test_launch_sh_two_processes_frames_layout_round_trips(codec, tmp_path):
         assert torch.equal(torch.stack([frames[2], frames[3], frames[5], frames[6]], 1).reshape(-1), expected[2])
         back = codes_lib.row_codes(row, info)
         assert all(torch.equal(a, b) for a, b in zip(back, expected))
-        with torch.inference_mode():
-            audio = model.decode([c[None] for c in expected])[..., :row["num_samples"]]
-        assert torch.equal(decode_cli.decode_row(model, row, info), audio)
+    with torch.inference_mode():  # the frames decode to the audio of the per-level codes
+        audio = model.decode([c[None] for c in expected])[..., :row["num_samples"]]
+    assert torch.equal(decode_cli.decode_row(model, row, info), audio)
 
 
 def test_frame_order_of_four_levels_and_offsets():
@@ -239,15 +240,15 @@ def test_frame_order_of_four_levels_and_offsets():
 def test_long_files_are_chunked_and_batches_keep_padded_lengths_apart(codec, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
-    clips = [read(path) for path in sorted(TRAIN.glob("*.flac"))[:5]]
-    AudioEncoder(torch.cat(clips, -1), sample_rate=RATE).to_file(str(folder / "long.flac"))  # 12.5 s
-    for seconds in (0.4, 1.0, 1.7, 2.5):  # four padded lengths, batched together only if done wrong
+    clips = [read(path) for path in sorted(TRAIN.glob("*.flac"))[:3]]
+    AudioEncoder(torch.cat(clips, -1), sample_rate=RATE).to_file(str(folder / "long.flac"))  # 7.5 s
+    for seconds in (0.4, 1.0, 1.7):  # three padded lengths, batched together only if done wrong
         AudioEncoder(clips[1][..., :int(seconds * RATE)], sample_rate=RATE).to_file(str(folder / f"c{seconds}.flac"))
     model = snac.SNAC.from_pretrained(str(codec))
-    plan = ChunkPlan(model, 2.0)
+    plan = ChunkPlan(model, 1.0)
     assert len(plan.pieces(0, read(folder / "long.flac").shape[-1])) >= 6
     out = tmp_path / "codes"
-    assert encode(codec, folder, "--output_dir", out, "--chunk_seconds", 2, "--batch_size", 8) == 0
+    assert encode(codec, folder, "--output_dir", out, "--chunk_seconds", 1, "--batch_size", 8) == 0
     info = codes_lib.read_info(out)
     assert info["encoding"]["context_samples"] == plan.context
     for row in rows_of(out):
@@ -258,6 +259,24 @@ def test_long_files_are_chunked_and_batches_keep_padded_lengths_apart(codec, tmp
             differ = int((mine != level).sum())
             # the context covers the receptive field: equal up to float rounding (measured: 0 differ)
             assert differ <= 0.002 * level.numel(), f"{row['id']} level {k}: {differ} of {level.numel()} differ"
+
+
+def test_streaming_reads_the_same_rows_and_a_rerun_encodes_nothing(codec, tmp_path):
+    out = tmp_path / "codes"
+    args = [codec, DEMO / "validation", "--output_dir", out, "--streaming", "--shard_size", 4]
+    assert encode(*args) == 0
+    rows = rows_of(out)
+    files = sorted((DEMO / "validation").glob("*.flac"))
+    assert [(r["index"], Path(r["id"]).name) for r in rows] == [(i, f.name) for i, f in enumerate(files)]
+    for row in rows[::8]:
+        assert all(torch.equal(torch.tensor(row[f"codes_{k}"]), level)
+                   for k, level in enumerate(reference(codec, Path(row["id"]))))
+    info = codes_lib.read_info(out)
+    assert info["read"]["streaming"] and info["summary"]["source_rows"] == 9 and info["summary"]["complete"]
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    assert encode(*args) == 0  # finished: the stream is read to count its rows, nothing is encoded again
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == written
+    assert [run["audio_seconds"] for run in codes_lib.read_info(out)["runs"]][1] == 0
 
 
 def test_broken_files_are_skipped_counted_and_listed(codec, tmp_path):
@@ -318,16 +337,16 @@ def test_other_settings_are_refused_in_a_finished_folder(one_process, codec, cap
 
 def test_decode_writes_wavs_and_checks_codes_against_the_sources(one_process, codec, tmp_path, capsys):
     wavs, report = tmp_path / "wavs", tmp_path / "check.json"
-    assert decode_cli.main([str(one_process), "--rows", "2", "--output_dir", str(wavs), "--check", "2",
+    assert decode_cli.main([str(one_process), "--rows", "1", "--output_dir", str(wavs), "--check", "1",
                             "--output_json", str(report)]) == 0
-    model = snac_model(codec)
-    for row in rows_of(one_process)[:2]:
-        decoded = read(wavs / f"{row['index']:06d}.wav")
-        with torch.inference_mode():
-            expected = model.decode([c[None] for c in reference(codec, Path(row["id"]))])[0, :, :row["num_samples"]]
-        assert decoded.shape == expected.shape
-        assert (decoded - expected).abs().max() < 1e-3  # 16-bit WAV
+    assert [p.name for p in wavs.iterdir()] == ["000000.wav"]
+    row = rows_of(one_process)[0]
+    decoded = read(wavs / "000000.wav")
+    with torch.inference_mode():
+        expected = snac_model(codec).decode([c[None] for c in reference(codec, Path(row["id"]))])
+    assert decoded.shape[-1] == row["num_samples"] < expected.shape[-1]  # cut to the source's length
+    assert (decoded - expected[0, :, :row["num_samples"]]).abs().max() < 1e-3  # a 16-bit WAV
     result = json.loads(report.read_text())
-    assert result["clips"] == 2 and result["code_agreement"] == 1.0
+    assert result["clips"] == 1 and result["code_agreement"] == 1.0
     assert {"mel_distance", "stft_distance", "si_sdr"} <= set(result["metrics"])
     assert "codes equal to a one-pass encode" in capsys.readouterr().out
