@@ -142,7 +142,7 @@ class DatasetEncoder:
         config = self.config
         if not config.output_dir:
             raise EncodeError("--output_dir is required")
-        for name, value in (("CODEC", config.codec), ("DATA", config.data)):
+        for name, value in [("CODEC", config.codec)] + [("DATA", part) for part in data_lib.split_option(config.data)]:
             if not Path(value).exists() and (value.startswith((".", "/", "~")) or value.count("/") > 1):
                 raise EncodeError(f"{name} {value}: no such file or folder, and not a Hub id (owner/name)")
         for name in ("shard_size", "batch_size"):

@@ -28,6 +28,7 @@ class SourceError(ValueError):
 
 
 def local_path(data: str) -> Optional[Path]:
+    """``data`` as an absolute path when it exists here, else None (a Hub id)."""
     path = Path(data)
     return path.resolve() if path.exists() else None
 
@@ -78,10 +79,12 @@ def open_rows(config: Any) -> list[tuple[str, Any]]:
         column, folder = config.path_column, path.parent
         ds = ds.map(lambda row: {column: str(folder / row[column])})  # relative paths: from the manifest's folder
         return [(str(path), _select(ds, column, keep, config.id_column))]
-    ds = data_lib.load_hub_dataset(config.data, config.dataset_config_name, config.split, config.streaming,
-                                   config.revision)
-    name = f"{config.data}[{config.split}]"
-    return [(name, _select(ds, config.audio_column, keep, config.id_column))]
+    sources = []
+    for name in data_lib.split_option(config.data):  # several Hub datasets, comma-separated, as the trainer reads
+        ds = data_lib.load_hub_dataset(name, config.dataset_config_name, config.split, config.streaming,
+                                       config.revision)
+        sources.append((f"{name}[{config.split}]", _select(ds, config.audio_column, keep, config.id_column)))
+    return sources
 
 
 class RowReader:

@@ -2,7 +2,9 @@
 two (gloo), a two-process run killed with SIGKILL and rerun, broken files, long files in chunks,
 the frames layout, a manifest with kept columns pushed at the HfApi boundary, and decoding back.
 
-The reference is `snac.SNAC.encode` of each file alone, decoded by torchcodec directly. The codec is
+The reference is `snac.SNAC.encode` of each file alone, decoded by torchcodec directly; codes must
+equal it up to float near ties (`assert_codes_match`). Runs that do the same arithmetic (same shards,
+batches and threads per process) must give identical rows. The codec is
 a random-init `tiny` whose codebooks are re-seeded from encoder vectors of the demo clips (the
 trainer's `DeadCodeRestarter`), so that its codes vary: a random codebook maps most audio to a
 handful of codes, and equal codes would prove little.
@@ -81,6 +83,17 @@ def reference(codec: Path, path: Path) -> list[torch.Tensor]:
     return [c[0] for c in snac_model(codec).encode(read(path)[None])]
 
 
+def assert_codes_match(mine: list, expected: list[torch.Tensor], what: str) -> None:
+    """Per-level codes equal to the reference up to float near ties: a code whose two nearest codebook
+    entries are almost equally near can flip with the batch size or the thread count (measured: 1 code
+    of 3,960 over the 36 demo clips, level 1 of clip_006). At most 3 codes, or 0.2%, of a clip."""
+    mine = [torch.as_tensor(level) for level in mine]
+    assert [m.shape for m in mine] == [e.shape for e in expected], what
+    differ = sum(int((m != e).sum()) for m, e in zip(mine, expected))
+    total = sum(e.numel() for e in expected)
+    assert differ <= max(3, 0.002 * total), f"{what}: {differ} of {total} codes differ"
+
+
 def encode(*args) -> int:
     return encode_cli.main([str(a) for a in args])
 
@@ -114,8 +127,7 @@ def test_codes_equal_snac_encode_of_each_file_alone(one_process, codec):
     for row in rows[::6]:
         expected = reference(codec, Path(row["id"]))
         assert row["num_samples"] == read(Path(row["id"])).shape[-1] and row["duration"] == row["num_samples"] / RATE
-        for k, level in enumerate(expected):
-            assert torch.equal(torch.tensor(row[f"codes_{k}"]), level), (row["id"], k)
+        assert_codes_match([row[f"codes_{k}"] for k in range(3)], expected, row["id"])
         level0 |= set(row["codes_0"])
     assert len(level0) > 40, "the codec maps everything to a few codes: the comparison proves little"
     parquet = datasets.load_dataset("parquet", data_files=str(one_process / "data" / "*.parquet"), split="train")
@@ -208,18 +220,17 @@ def test_launch_sh_two_processes_frames_layout_round_trips(codec, tmp_path):
         "index", "id", "duration", "num_samples", "codes"}
     model = snac_model(codec)
     for row in rows[::3]:
-        expected = reference(codec, Path(row["id"]))
         flat = torch.tensor(row["codes"])
         # Orpheus order, by hand: per 7-token frame, position 0 is level 0, 1 and 4 are level 1,
         # 2, 3, 5, 6 are level 2; position k carries the offset 128266 + 4096 k
         frames = (flat.reshape(-1, 7) - torch.tensor([128266 + 4096 * k for k in range(7)])).T
-        assert torch.equal(frames[0], expected[0])
-        assert torch.equal(torch.stack([frames[1], frames[4]], 1).reshape(-1), expected[1])
-        assert torch.equal(torch.stack([frames[2], frames[3], frames[5], frames[6]], 1).reshape(-1), expected[2])
+        by_hand = [frames[0], torch.stack([frames[1], frames[4]], 1).reshape(-1),
+                   torch.stack([frames[2], frames[3], frames[5], frames[6]], 1).reshape(-1)]
         back = codes_lib.row_codes(row, info)
-        assert all(torch.equal(a, b) for a, b in zip(back, expected))
+        assert all(torch.equal(a, b) for a, b in zip(back, by_hand))
+        assert_codes_match(back, reference(codec, Path(row["id"])), row["id"])
     with torch.inference_mode():  # the frames decode to the audio of the per-level codes
-        audio = model.decode([c[None] for c in expected])[..., :row["num_samples"]]
+        audio = model.decode([c[None] for c in back])[..., :row["num_samples"]]
     assert torch.equal(decode_cli.decode_row(model, row, info), audio)
 
 
@@ -251,14 +262,8 @@ def test_long_files_are_chunked_and_batches_keep_padded_lengths_apart(codec, tmp
     assert encode(codec, folder, "--output_dir", out, "--chunk_seconds", 1, "--batch_size", 8) == 0
     info = codes_lib.read_info(out)
     assert info["encoding"]["context_samples"] == plan.context
-    for row in rows_of(out):
-        expected = reference(codec, Path(row["id"]))
-        for k, level in enumerate(expected):
-            mine = torch.tensor(row[f"codes_{k}"])
-            assert mine.shape == level.shape
-            differ = int((mine != level).sum())
-            # the context covers the receptive field: equal up to float rounding (measured: 0 differ)
-            assert differ <= 0.002 * level.numel(), f"{row['id']} level {k}: {differ} of {level.numel()} differ"
+    for row in rows_of(out):  # the context covers the receptive field: equal up to float near ties
+        assert_codes_match([row[f"codes_{k}"] for k in range(3)], reference(codec, Path(row["id"])), row["id"])
 
 
 def test_streaming_reads_the_same_rows_and_a_rerun_encodes_nothing(codec, tmp_path):
@@ -269,8 +274,7 @@ def test_streaming_reads_the_same_rows_and_a_rerun_encodes_nothing(codec, tmp_pa
     files = sorted((DEMO / "validation").glob("*.flac"))
     assert [(r["index"], Path(r["id"]).name) for r in rows] == [(i, f.name) for i, f in enumerate(files)]
     for row in rows[::8]:
-        assert all(torch.equal(torch.tensor(row[f"codes_{k}"]), level)
-                   for k, level in enumerate(reference(codec, Path(row["id"]))))
+        assert_codes_match([row[f"codes_{k}"] for k in range(3)], reference(codec, Path(row["id"])), row["id"])
     info = codes_lib.read_info(out)
     assert info["read"]["streaming"] and info["summary"]["source_rows"] == 9 and info["summary"]["complete"]
     written = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
@@ -313,13 +317,27 @@ def test_manifest_columns_are_kept_and_the_folder_is_pushed_as_a_dataset(codec, 
     rows = rows_of(out)
     assert [(r["index"], r["id"], r["text"], r["speaker"]) for r in rows] == [
         (0, "utt-a", "first words", 7), (2, "utt-c", "more words", 9)]
-    assert torch.equal(torch.tensor(rows[1]["codes_2"]), reference(codec, folder / "clip_003.flac")[2])
+    assert_codes_match([rows[1][f"codes_{k}"] for k in range(3)], reference(codec, folder / "clip_003.flac"), "c")
     (repo,), (upload,) = hub_calls.named("create_repo"), hub_calls.named("upload_folder")
     assert repo["repo_id"] == "someone/codes" and repo["repo_type"] == "dataset" and repo["private"] is True
     assert repo["token"] == SENTINEL and upload["repo_type"] == "dataset" and upload["folder_path"] == str(out)
     assert set(upload["uploaded"]) == {"README.md", "snac_codes.json", "data/train-00000.parquet"}
     for path in out.rglob("*"):
         assert not path.is_file() or SENTINEL.encode() not in path.read_bytes(), path
+
+
+def test_a_dataset_folder_gives_its_id_column_and_kept_columns(codec, tmp_path):
+    """The path Hub datasets take (`load_hub_dataset`): a `save_to_disk` folder with an Audio column."""
+    files = [str(TRAIN / name) for name in ("clip_005.flac", "clip_006.flac")]
+    table = datasets.Dataset.from_dict({"sound": files, "id": ["a", "b"], "text": ["one", "two"], "other": [1, 2]})
+    table.cast_column("sound", datasets.Audio()).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "codes"
+    assert encode(codec, tmp_path / "ds", "--output_dir", out, "--audio_column", "sound", "--keep_columns",
+                  "text") == 0
+    rows = rows_of(out)
+    assert [(r["id"], r["text"]) for r in rows] == [("a", "one"), ("b", "two")] and "other" not in rows[0]
+    assert_codes_match([rows[1][f"codes_{k}"] for k in range(3)], reference(codec, Path(files[1])), files[1])
+    assert encode(codec, tmp_path / "ds", "--output_dir", tmp_path / "x", "--keep_columns", "text") == 2
 
 
 def test_push_without_a_token_is_refused_before_encoding(codec, tmp_path, monkeypatch, no_login, capsys):
