@@ -59,6 +59,32 @@ def read_info(folder: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def write_shard(folder: Path, shard: int, records: list[dict[str, Any]], layout: dict[str, Any], keep: list[str],
+                source_features: Optional[Any]) -> Path:
+    """One shard's rows as Parquet, through a temporary name. Column types: ours, and the source's for
+    the kept columns (inferred when a stream does not say); the schema carries them for `datasets`."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    codes = datasets.List(datasets.Value(layout["dtype"]))
+    features = datasets.Features({"index": datasets.Value("int64"), "id": datasets.Value("string"),
+                                  "duration": datasets.Value("float64"), "num_samples": datasets.Value("int64"),
+                                  **{c: codes for c in layout["columns"]}})
+    known = source_features or {}
+    if all(c in known for c in keep):
+        table = datasets.Dataset.from_list(records, features=datasets.Features({**features,
+                                                                               **{c: known[c] for c in keep}}))
+    else:  # a stream that does not say: the kept columns' types are inferred
+        table = datasets.Dataset.from_list(records)
+        table = table.cast(datasets.Features({**table.features, **features}))
+    path = shard_path(folder, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table.data.table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def finished_shards(folder: Path) -> dict[int, dict[str, Any]]:
     """Shard number -> its progress record, for every shard whose Parquet file and record both exist."""
     done = {}
@@ -156,7 +182,7 @@ def dataset_card(info: dict[str, Any]) -> str:
         lines += ["```bash", run["command"], "```",
                   f"{run['processes']} process(es), {run['audio_seconds']:.1f} s of audio encoded in "
                   f"{run['seconds']:.1f} s ({run['audio_seconds'] / max(run['seconds'], 1e-9):.1f} s of audio per "
-                  f"second), on {run['device']}.", ""]
+                  f"second, {run.get('cpu_seconds', 0):.1f} CPU s), on {run['device']}.", ""]
     lines += ["## Usage", "", "```python", "from datasets import load_dataset", "",
               f"codes = load_dataset(\"{hub_source and 'REPO_ID' or 'PATH'}\", split=\"train\")", "```", "",
               "Decode rows back to audio: `python -m snac_accel.decode PATH --rows 4 --output_dir wavs` "

@@ -69,7 +69,9 @@ class EncodeConfig:
                                            "coarse frame (frames layout), or BASE+STEPk.", None)
     shard_size: int = _choice("Source rows per output shard (the unit of work and of resume).", 500)
     batch_size: int = _choice("Most clips or chunks per batch.", 32)
-    max_batch_seconds: float = _choice("Most audio per batch, in seconds.", 120.0)
+    max_batch_seconds: Optional[float] = _choice(
+        "Most audio per batch, in seconds. Default: 120 on a GPU; on a CPU 10, or one clip at a time when the "
+        "process has one thread (batches then only add memory traffic: measured 2 to 3x slower at 32 clips).", None)
     chunk_seconds: float = _choice("Files longer than this are encoded in chunks of it (plus context).", 30.0)
     max_seconds: Optional[float] = _choice("Cut files longer than this (default: encode them whole).", None)
     mixed_precision: str = _choice("Autocast of the encoder; the quantizer stays float32.", "no",
@@ -132,8 +134,7 @@ class DatasetEncoder:
         self.output = Path(config.output_dir)
         self.keep = data_lib.split_option(config.keep_columns)
         self.info = self._describe()
-        self.batcher = Batcher(self.plan, config.batch_size,
-                               int(config.max_batch_seconds * self.model.sampling_rate))
+        self.batcher = Batcher(self.plan, config.batch_size, int(self._batch_seconds() * self.model.sampling_rate))
         self.tracker = data_lib.BadFileTracker(max_fraction=1.0)
 
     # ------------------------------------------------------------------ checks
@@ -148,14 +149,22 @@ class DatasetEncoder:
         for name in ("shard_size", "batch_size"):
             if getattr(config, name) < 1:
                 raise EncodeError(f"--{name} must be at least 1")
-        if config.chunk_seconds <= 0 or config.max_batch_seconds <= 0:
-            raise EncodeError("--chunk_seconds and --max_batch_seconds must be positive")
+        if config.chunk_seconds <= 0 or (config.max_batch_seconds is not None and config.max_batch_seconds < 0):
+            raise EncodeError("--chunk_seconds must be positive and --max_batch_seconds not negative")
         if config.push_to_hub:
             from huggingface_hub import get_token
 
             if not get_token():
                 raise codes_lib.HubTokenError("--push_to_hub: no Hugging Face token: set HF_TOKEN or run "
                                               "`hf auth login` first (nothing was encoded)")
+
+    def _batch_seconds(self) -> float:
+        """``--max_batch_seconds`` or its default for the device (0: every clip or chunk alone)."""
+        if self.config.max_batch_seconds is not None:
+            return self.config.max_batch_seconds
+        if self.accelerator.device.type != "cpu":
+            return 120.0
+        return 10.0 if torch.get_num_threads() > 1 else 0.0
 
     def _check_launch(self) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -222,17 +231,19 @@ class DatasetEncoder:
         """
         from accelerate.utils import gather_object
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         runs = self._prepare_output()
-        mine = self._encode_my_shards()
+        audio_seconds, total_rows = self._encode_my_shards()
         self.accelerator.wait_for_everyone()
         seconds = time.perf_counter() - start
+        mine = (audio_seconds, total_rows, cpu_seconds() - cpu_start)
         gathered = gather_object([mine]) if self.accelerator.num_processes > 1 else [mine]
         summary, error = None, None
         if self.accelerator.is_main_process:
-            total = self.total_rows if self.total_rows is not None else max(t for _, t in gathered)
+            total = self.total_rows if self.total_rows is not None else max(t for _, t, _ in gathered)
             try:
-                summary = self._finish(runs, seconds, sum(a for a, _ in gathered), total)
+                summary = self._finish(runs, seconds, sum(a for a, _, _ in gathered), total,
+                                       sum(c for _, _, c in gathered))
             except (EncodeError, OSError, RuntimeError) as err:  # incomplete shards, a failed push
                 error = err
         self.accelerator.wait_for_everyone()
@@ -315,7 +326,8 @@ class DatasetEncoder:
         records = [self._record(shard.rows[index]) for index in sorted(shard.rows)]
         seconds = sum(r["duration"] for r in records)
         if records:
-            self._write_parquet(shard.shard, records)
+            codes_lib.write_shard(self.output, shard.shard, records, self.info["layout"], self.keep,
+                                  self.sources[0][1].features)
         indices = range(shard.shard * self.config.shard_size, (shard.shard + 1) * self.config.shard_size)
         progress = {"shard": shard.shard, "first_index": indices.start, "rows": len(records),
                     "audio_seconds": seconds, "skipped": shard.skipped, "rank": self.accelerator.process_index,
@@ -338,42 +350,16 @@ class DatasetEncoder:
         record.update(row["columns"])
         return record
 
-    def _features(self) -> Optional[Any]:
-        """Column types: ours, plus the source's for kept columns (None when a stream does not say)."""
-        import datasets
-
-        codes = datasets.List(datasets.Value(self.dtype.name))
-        features = {"index": datasets.Value("int64"), "id": datasets.Value("string"),
-                    "duration": datasets.Value("float64"), "num_samples": datasets.Value("int64"),
-                    **{c: codes for c in self.info["layout"]["columns"]}}
-        source = self.sources[0][1].features or {}
-        if any(c not in source for c in self.keep):
-            return None
-        return datasets.Features({**features, **{c: source[c] for c in self.keep}})
-
-    def _write_parquet(self, shard: int, records: list[dict[str, Any]]) -> None:
-        import datasets
-        import pyarrow.parquet as pq
-
-        features = self._features()
-        table = datasets.Dataset.from_list(records, features=features)
-        if features is None:
-            table = table.cast_column("id", datasets.Value("string"))
-        path = codes_lib.shard_path(self.output, shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        pq.write_table(table.data.table, tmp)  # the schema carries the features for `datasets`
-        os.replace(tmp, path)
-
     # ------------------------------------------------------------------ the end
 
-    def _finish(self, runs: list[dict[str, Any]], seconds: float, audio_seconds: float,
-                total_rows: Optional[int]) -> dict[str, Any]:
+    def _finish(self, runs: list[dict[str, Any]], seconds: float, audio_seconds: float, total_rows: Optional[int],
+                cpu: float) -> dict[str, Any]:
         """Totals, the info file and the card (main process, after every process is done); the push."""
         summary = codes_lib.summarize(self.output, total_rows, self.config.shard_size)
         device = self.accelerator.device
         run = {"command": codes_lib.command_line(self.argv, self.accelerator.num_processes),
                "processes": self.accelerator.num_processes, "seconds": seconds, "audio_seconds": audio_seconds,
+               "cpu_seconds": cpu,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} "
                f"({torch.get_num_threads()} threads per process)", "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         info = {**self.info, "summary": summary, "runs": runs + [run]}
@@ -388,6 +374,14 @@ class DatasetEncoder:
         if self.config.push_to_hub:
             codes_lib.push_dataset(self.output, self.config.push_to_hub, private=self.config.private)
         return summary
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the loader's decoding workers)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def main(argv: Optional[list[str]] = None) -> int:

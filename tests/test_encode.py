@@ -112,7 +112,7 @@ def one_process(codec, tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert encode(codec, TRAIN, "--output_dir", out, "--shard_size", 4, "--batch_size", 8) == 0
+        assert encode(codec, TRAIN, "--output_dir", out, "--shard_size", 4, "--max_batch_seconds", 20) == 0
     finally:
         torch.set_num_threads(threads)
     return out
@@ -173,7 +173,7 @@ def test_a_killed_two_process_run_resumes_to_the_rows_of_one_process(one_process
     out, log = tmp_path / "codes", tmp_path / "log.txt"
     cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
            "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "snac_accel.encode",
-           str(codec), str(TRAIN), "--output_dir", str(out), "--shard_size", "4", "--batch_size", "8"]
+           str(codec), str(TRAIN), "--output_dir", str(out), "--shard_size", "4", "--max_batch_seconds", "20"]
     env = child_env(ACCELERATE_USE_CPU="1")
     with open(log, "w") as f:
         job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -259,7 +259,7 @@ def test_long_files_are_chunked_and_batches_keep_padded_lengths_apart(codec, tmp
     plan = ChunkPlan(model, 1.0)
     assert len(plan.pieces(0, read(folder / "long.flac").shape[-1])) >= 6
     out = tmp_path / "codes"
-    assert encode(codec, folder, "--output_dir", out, "--chunk_seconds", 1, "--batch_size", 8) == 0
+    assert encode(codec, folder, "--output_dir", out, "--chunk_seconds", 1, "--max_batch_seconds", 60) == 0
     info = codes_lib.read_info(out)
     assert info["encoding"]["context_samples"] == plan.context
     for row in rows_of(out):  # the context covers the receptive field: equal up to float near ties
