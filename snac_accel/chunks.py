@@ -4,7 +4,9 @@ SNAC pads every input with zeros up to a multiple of hop x lcm(stride_0, attenti
 grid). A chunk starts on the grid and carries a context on each side at least as wide as the
 encoder's receptive field, so its centre sees exactly what a one-pass encode sees there; only the
 centre's codes are kept. Batches hold pieces of one padded length only: a shorter clip padded
-further with zeros would get other codes in its last frames than alone.
+further with zeros would get other codes in its last frames than alone. On a CPU, batching makes
+the encoder memory-bound, and rows are encoded one at a time in the loader's workers instead
+(`RowEncoder`).
 """
 
 from __future__ import annotations
@@ -95,6 +97,23 @@ class Batcher:
     def drain(self) -> Iterator[list[tuple[Piece, torch.Tensor]]]:
         while self.groups:
             yield self.groups.pop(next(iter(self.groups)))
+
+
+class RowEncoder:
+    """One row's codes, its pieces encoded one at a time: the CPU path, run inside each loader worker
+    (one thread each) so that a single process keeps every core busy."""
+
+    def __init__(self, model: torch.nn.Module, plan: ChunkPlan, autocast: Any) -> None:
+        self.model, self.plan, self.autocast = model, plan, autocast
+
+    def __call__(self, audio: torch.Tensor) -> list[torch.Tensor]:
+        parts = []
+        for piece in self.plan.pieces(0, audio.shape[-1]):
+            x = torch.zeros(1, 1, self.plan.padded(piece.end - piece.start))
+            x[0, 0, :piece.end - piece.start] = audio[piece.start:piece.end]
+            codes = encode_batch(self.model, x, self.autocast())
+            parts.append(self.plan.keep(piece, audio.shape[-1], [c[0] for c in codes]))
+        return [torch.cat([part[k] for part in parts]) for k in range(len(self.plan.strides))]
 
 
 @torch.inference_mode()

@@ -21,6 +21,8 @@ manifest; ``--streaming``). The output is described in `snac_accel.codes`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -35,7 +37,7 @@ from accelerate.logging import get_logger
 
 from . import codes as codes_lib
 from . import data as data_lib
-from .chunks import Batcher, ChunkPlan, Piece, encode_batch
+from .chunks import Batcher, ChunkPlan, Piece, RowEncoder, encode_batch
 from .config import _choice
 from .hub import load_codec
 from .source_rows import MapRows, RowReader, SourceError, StreamRows, identity, local_path, open_rows
@@ -77,8 +79,10 @@ class EncodeConfig:
     mixed_precision: str = _choice("Autocast of the encoder; the quantizer stays float32.", "no",
                                    ["no", "bf16", "fp16"])
     use_ema: bool = _choice("With a training checkpoint: its EMA weights.", False)
-    dataloader_num_workers: Optional[int] = _choice("Decoding workers per process (default: the cores left).",
-                                                    None)
+    dataloader_num_workers: Optional[int] = _choice(
+        "Loader workers per process. On a GPU they decode (default: the cores left); on a CPU each also encodes "
+        "its rows, one thread each (default: this process's share of the cores; 0 encodes in batches in the "
+        "process itself).", None)
     push_to_hub: Optional[str] = _choice("Upload the folder to this dataset repo at the end (token: HF_TOKEN "
                                          "or the login cache).", None)
     private: bool = _choice("Create the dataset repo private.", False)
@@ -261,12 +265,15 @@ class DatasetEncoder:
         reader = RowReader(int(self.model.sampling_rate),
                            int(config.max_seconds * self.model.sampling_rate) if config.max_seconds else 1 << 62,
                            config.id_column, self.keep)
-        workers = config.dataloader_num_workers
+        workers, cpu = config.dataloader_num_workers, self.accelerator.device.type == "cpu"
         if workers is None:
-            workers = data_lib.default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            workers = max(1, available_cores() // local) if cpu else data_lib.default_num_workers(local)
+        if cpu and workers > 0:
+            reader.encoder = RowEncoder(self.model, self.plan, functools.partial(cpu_autocast, config.mixed_precision))
         if self.streaming:
             rows: Any = StreamRows(self.sources, mine, reader)
-            workers, total = min(workers, 1), None  # one reader of the stream, ahead of the encoder
+            workers, total = min(workers, 1), None  # one reader of the stream (datasets splits it among workers)
         else:
             rows = MapRows(self.sources, [i for i in range(self.total_rows) if mine(i)], reader)
             total = len(rows)
@@ -299,6 +306,9 @@ class DatasetEncoder:
 
     def _add(self, shard: OpenShard, item: dict[str, Any]) -> None:
         audio = item.pop("audio")
+        if "codes" in item:  # encoded in a loader worker
+            shard.rows[item["index"]] = {**item, "parts": [item.pop("codes")]}
+            return
         if audio is None:
             shard.skipped.append([item["index"], item["name"], item["problem"]])
             self.tracker.update([f"{item['name']}: {item['problem']}"], 0)
@@ -374,6 +384,20 @@ class DatasetEncoder:
         if self.config.push_to_hub:
             codes_lib.push_dataset(self.output, self.config.push_to_hub, private=self.config.private)
         return summary
+
+
+def cpu_autocast(mixed_precision: str) -> Any:
+    """The autocast of ``--mixed_precision`` in a CPU loader worker (the accelerator stays in the main process)."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def cpu_seconds() -> float:

@@ -12,7 +12,7 @@ come back as a problem, never as an exception).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -88,19 +88,28 @@ def open_rows(config: Any) -> list[tuple[str, Any]]:
 
 
 class RowReader:
-    """Decodes one source row into an item: index, id, name, audio [T] (or why not), kept values."""
+    """Decodes one source row into an item: index, id, name, audio [T] (or why not), kept values.
 
-    def __init__(self, sample_rate: int, max_samples: int, id_column: str, keep: list[str]) -> None:
+    With ``encoder`` (a `snac_accel.chunks.RowEncoder`, on a CPU) the item carries the row's codes
+    (``codes``, per level) and its ``length`` instead of its audio.
+    """
+
+    def __init__(self, sample_rate: int, max_samples: int, id_column: str, keep: list[str],
+                 encoder: Optional[Callable[[torch.Tensor], list[torch.Tensor]]] = None) -> None:
         self.sample_rate, self.max_samples, self.id_column, self.keep = sample_rate, max_samples, id_column, keep
+        self.encoder = encoder
 
     def __call__(self, index: int, source: str, row: int, record: dict[str, Any]) -> dict[str, Any]:
         raw = record["audio"]
         name = data_lib.row_name(raw, f"{source} row {row}")
         ident = record.get(self.id_column)
         audio, problem = load_clip(raw, self.sample_rate, self.max_samples, None)
-        return {"index": index, "id": name if ident is None else str(ident), "name": name,
+        item = {"index": index, "id": name if ident is None else str(ident), "name": name,
                 "audio": None if audio is None else audio.reshape(-1), "problem": problem,
                 "columns": {c: record[c] for c in self.keep}}
+        if self.encoder is not None and audio is not None:
+            item.update(codes=self.encoder(item["audio"]), length=audio.shape[-1], audio=None)
+        return item
 
 
 class MapRows(torch.utils.data.Dataset):

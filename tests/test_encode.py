@@ -105,16 +105,11 @@ def rows_of(folder: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def one_process(codec, tmp_path_factory) -> Path:
-    """The demo clips in one process, with one thread like each process of the 2-process runs: float
-    rounding depends on the thread count, and with 2 threads one code in about 4000 came out
-    otherwise (a near tie between two codebook entries)."""
+    """The demo clips in one process. On a CPU rows are encoded in loader workers with one thread
+    each, here 2 workers, in the 2-process runs 1 per process: the same arithmetic, so the same rows
+    bit for bit (float rounding depends on the thread count and the batch)."""
     out = tmp_path_factory.mktemp("one") / "codes"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert encode(codec, TRAIN, "--output_dir", out, "--shard_size", 4, "--max_batch_seconds", 20) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert encode(codec, TRAIN, "--output_dir", out, "--shard_size", 4, "--dataloader_num_workers", 2) == 0
     return out
 
 
@@ -173,7 +168,7 @@ def test_a_killed_two_process_run_resumes_to_the_rows_of_one_process(one_process
     out, log = tmp_path / "codes", tmp_path / "log.txt"
     cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
            "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "snac_accel.encode",
-           str(codec), str(TRAIN), "--output_dir", str(out), "--shard_size", "4", "--max_batch_seconds", "20"]
+           str(codec), str(TRAIN), "--output_dir", str(out), "--shard_size", "4"]
     env = child_env(ACCELERATE_USE_CPU="1")
     with open(log, "w") as f:
         job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -248,7 +243,9 @@ def test_frame_order_of_four_levels_and_offsets():
         parse_offsets("1,2", [4, 2, 1], "levels")
 
 
-def test_long_files_are_chunked_and_batches_keep_padded_lengths_apart(codec, tmp_path):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_long_files_are_chunked_and_batches_keep_padded_lengths_apart(codec, tmp_path, workers):
+    """Both CPU paths: batches in the process itself (0 workers), and rows encoded in 2 loader workers."""
     folder = tmp_path / "mixed"
     folder.mkdir()
     clips = [read(path) for path in sorted(TRAIN.glob("*.flac"))[:3]]
@@ -259,7 +256,8 @@ def test_long_files_are_chunked_and_batches_keep_padded_lengths_apart(codec, tmp
     plan = ChunkPlan(model, 1.0)
     assert len(plan.pieces(0, read(folder / "long.flac").shape[-1])) >= 6
     out = tmp_path / "codes"
-    assert encode(codec, folder, "--output_dir", out, "--chunk_seconds", 1, "--max_batch_seconds", 60) == 0
+    assert encode(codec, folder, "--output_dir", out, "--chunk_seconds", 1, "--max_batch_seconds", 60,
+                  "--dataloader_num_workers", workers) == 0
     info = codes_lib.read_info(out)
     assert info["encoding"]["context_samples"] == plan.context
     for row in rows_of(out):  # the context covers the receptive field: equal up to float near ties
