@@ -11,7 +11,9 @@ the encoder memory-bound, and rows are encoded one at a time in the loader's wor
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -125,3 +127,17 @@ def encode_batch(model: torch.nn.Module, audio: torch.Tensor, autocast: Any) -> 
     with torch.autocast(device_type=audio.device.type, enabled=False):
         _, codes = model.quantizer(z.float())
     return [c.cpu() for c in codes]
+
+
+def cpu_autocast(mixed_precision: str) -> Any:
+    """The autocast of ``--mixed_precision`` in a CPU loader worker (the accelerator stays in the main process)."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

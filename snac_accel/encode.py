@@ -15,13 +15,14 @@ manifest; ``--streaming``). The output is described in `snac_accel.codes`.
   only each chunk's centre is kept. The codes equal one-pass codes up to float rounding.
 - Batches hold clips (or chunks) of the same padded length only: SNAC pads every input with zeros
   to that grid, and zeros beyond it change the last codes (measured: the last 1 to 6 frames).
+  On a CPU, where batches make the encoder memory-bound, the loader's workers encode their rows
+  one at a time, one thread each, instead (`snac_accel.chunks.RowEncoder`).
 - Mixed precision (``--mixed_precision bf16``) runs the encoder under autocast; the quantizer always
   runs in float32 (a nearest-code search in half precision picks other codes).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -37,7 +38,7 @@ from accelerate.logging import get_logger
 
 from . import codes as codes_lib
 from . import data as data_lib
-from .chunks import Batcher, ChunkPlan, Piece, RowEncoder, encode_batch
+from .chunks import Batcher, ChunkPlan, Piece, RowEncoder, available_cores, cpu_autocast, encode_batch
 from .config import _choice
 from .hub import load_codec
 from .source_rows import MapRows, RowReader, SourceError, StreamRows, identity, local_path, open_rows
@@ -384,20 +385,6 @@ class DatasetEncoder:
         if self.config.push_to_hub:
             codes_lib.push_dataset(self.output, self.config.push_to_hub, private=self.config.private)
         return summary
-
-
-def cpu_autocast(mixed_precision: str) -> Any:
-    """The autocast of ``--mixed_precision`` in a CPU loader worker (the accelerator stays in the main process)."""
-    if mixed_precision == "no":
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def cpu_seconds() -> float:
