@@ -8,6 +8,8 @@
 #       NAME: a file of accelerate_configs/ (cpu, single_gpu, multi_gpu, multi_node); without it,
 #       one process. Multi-node reads NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE
 #       (or SLURM's variables); TERM and USR1 make the trainers checkpoint and exit 0.
+#   ./launch.sh encode [--accelerate-config NAME] CODEC DATA --output_dir DIR [options]
+#       tokenize a dataset (python -m snac_accel.encode), with the same NAME handling as train.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -103,15 +105,17 @@ check_ffmpeg() {
   exit 1
 }
 
-train() {
-  local accelerate_config=""
+# run_module MODULE [--accelerate-config NAME] [options]: one process, or accelerate launch with NAME.
+run_module() {
+  local module=$1 accelerate_config=""
+  shift
   if [[ "${1:-}" == "--accelerate-config" ]]; then
     accelerate_config="$2"
     shift 2
   fi
   if [[ -z "$accelerate_config" ]]; then
-    # One process: run the trainer itself so that SIGTERM reaches it directly.
-    exec "$PY" -m snac_accel.train "$@"
+    # One process: run the module itself so that SIGTERM reaches it directly.
+    exec "$PY" -m "$module" "$@"
   fi
   local name=${accelerate_config%.yaml}
   local file="accelerate_configs/$name.yaml"
@@ -139,7 +143,7 @@ train() {
       flags+=(--main_process_port "$MASTER_PORT")
     fi
   fi
-  launch_forwarding_signals "$VENV/bin/accelerate" launch "${flags[@]}" -m snac_accel.train "$@"
+  launch_forwarding_signals "$VENV/bin/accelerate" launch "${flags[@]}" -m "$module" "$@"
 }
 
 # Processes on this machine: GPUS_PER_NODE, else what SLURM or nvidia-smi report; one on a CPU run.
@@ -223,7 +227,8 @@ cmd=${1:-demo}
 case "$cmd" in
   setup) setup; echo "ready: $VENV (packages installed, FFmpeg decodes audio)" ;;
   test) setup; exec "$PY" -m pytest "$@" ;;
-  train) setup; train "$@" ;;
+  train) setup; run_module snac_accel.train "$@" ;;
+  encode) setup; run_module snac_accel.encode "$@" ;;
   demo) setup; demo ;;
-  *) echo "usage: ./launch.sh [setup|test|train [--accelerate-config NAME] ...]" >&2; exit 2 ;;
+  *) echo "usage: ./launch.sh [setup|test|train|encode [--accelerate-config NAME] ...]" >&2; exit 2 ;;
 esac

@@ -206,9 +206,7 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
             counts[level] += torch.bincount(level_codes[0, :frames].flatten().cpu(), minlength=size)
 
         row = {"name": name, "samples": length, "seconds": round(seconds, 4),
-               "mel_distance": mel_loss(fake, real).item(), "stft_distance": stft_loss(fake, real).item(),
-               "si_sdr": si_sdr(fake, real).mean().item()}
-        row.update(_speech_scores(fake, real, sample_rate, speech, failures))
+               **clip_metrics(fake, real, mel_loss, stft_loss, sample_rate, speech, failures)}
         for key, value in row.items():
             if key not in ("name", "samples", "seconds"):
                 running.add(key, value)
@@ -245,6 +243,15 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
                            "encode_rtf": encode_seconds / seconds_total, "decode_rtf": decode_seconds / seconds_total,
                            "codec_rtf": (encode_seconds + decode_seconds) / seconds_total}
     return result
+
+
+def clip_metrics(fake: torch.Tensor, real: torch.Tensor, mel_loss: MultiScaleMelLoss, stft_loss: MultiScaleSTFTLoss,
+                 sample_rate: int, speech: dict[str, bool], failures: dict[str, int]) -> dict[str, float]:
+    """The per-file metrics of a reconstruction ``fake`` of ``real`` (both [1, 1, T]), as DAC computes them."""
+    scores = {"mel_distance": mel_loss(fake, real).item(), "stft_distance": stft_loss(fake, real).item(),
+              "si_sdr": si_sdr(fake, real).mean().item()}
+    scores.update(_speech_scores(fake, real, sample_rate, speech, failures))
+    return scores
 
 
 def _speech_scores(fake: torch.Tensor, real: torch.Tensor, sample_rate: int, speech: dict[str, bool],
