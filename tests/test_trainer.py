@@ -131,9 +131,9 @@ def test_non_finite_updates_are_skipped_then_stop_with_checkpoint_intact(tmp_pat
     trainer.fit()
     # One NaN batch: its update is skipped (weights, Adam moments, schedules untouched), the next one trains.
     after = training_state(trainer)
-    assert trainer.state.skipped_updates == 1 and trainer.state.nonfinite_in_row == 0 and trainer.state.step == 3
-    assert differences(without_step(before_step[0]), without_step(before_step[1]))  # the first update did move
     assert_identical(without_step(before_step[1]), without_step(before_step[2]), "state over the NaN batch")
+    assert differences(without_step(before_step[0]), without_step(before_step[1]))  # the first update did move
+    assert trainer.state.skipped_updates == 1 and trainer.state.nonfinite_in_row == 0 and trainer.state.step == 3
     assert differences(without_step(before_step[2]), without_step(after))  # and training went on
     assert all_finite(after)
 
