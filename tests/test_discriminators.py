@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from snac_accel.config import DISCRIMINATOR_PRESETS, MODEL_PRESETS
 from snac_accel.discriminators import DEFAULT_BANDS, BandedSTFTDiscriminator, Discriminator, PeriodDiscriminator
@@ -98,3 +99,44 @@ def test_input_is_dc_free_and_peak_normalised_to_0_8():
         a, b = discriminator(audio), discriminator(5.0 * audio - 1.0)
     for maps_a, maps_b in zip(a, b):
         torch.testing.assert_close(maps_a[-1], maps_b[-1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("period", [2, 3, 5])
+@pytest.mark.parametrize("length", [60, 61, 64])
+@torch.no_grad()
+def test_period_discriminator_folds_the_waveform_one_period_per_row(period, length):
+    """On a ramp every sample's value is its index: row r, column c of the fold must hold r * period + c."""
+    discriminator = PeriodDiscriminator(period, channels=4, max_channels=16)
+    seen = []
+    discriminator.convs[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    ramp = torch.arange(length, dtype=torch.float32)
+    discriminator(torch.stack([ramp, -ramp])[:, None])
+    pad = (-length) % period  # reflected by hand: x[T-2], x[T-3], ...
+    padded = torch.cat([ramp, ramp[length - 2 - torch.arange(pad)]])
+    x = torch.stack([padded, -padded])[:, None]
+    assert torch.equal(seen[0], x.view(2, 1, -1, period))
+    assert seen[0][0, 0, 1, 0] == period  # the second row starts one period in
+
+
+@pytest.mark.parametrize("window", [512, 2048])
+@torch.no_grad()
+def test_stft_branch_is_torch_stft_of_the_reflect_padded_clip(window):
+    """DAC's "match stride" framing, computed plainly: reflect-pad (window - hop) / 2 on each side (plus the
+    rest of the last hop on the right), then an uncentred STFT gives ceil(T / hop) frames."""
+    discriminator = BandedSTFTDiscriminator(window, channels=4)
+    length, hop = 5000, window // 4
+    x = 0.1 * torch.randn(2, 1, length, generator=torch.Generator().manual_seed(0))
+    side = (window - hop) // 2
+    padded = F.pad(x, (side, side + (-length) % hop), mode="reflect")[:, 0]
+    reference = torch.stft(padded, window, hop, window=torch.hann_window(window), center=False, return_complex=True)
+    assert reference.shape[-1] == math.ceil(length / hop)
+    expected = torch.view_as_real(reference).permute(0, 3, 2, 1)  # [B, (re, im), frames, bins]
+    torch.testing.assert_close(discriminator.spectrogram(x), expected, rtol=1e-5, atol=1e-5)
+    # and each band's convolutions get that band of it
+    seen = []
+    for convs in discriminator.band_convs:
+        convs[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    discriminator(x)
+    assert len(seen) == len(discriminator.bands) == 5
+    for (lo, hi), band in zip(discriminator.bands, seen):
+        torch.testing.assert_close(band, expected[..., lo:hi], rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import shutil
 
 import pytest
@@ -12,11 +13,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from snac_accel import evaluate as ev
 from snac_accel import export as export_cli
 from snac_accel import hub
 from snac_accel.config import MODEL_PRESETS
 from snac_accel.data import audio_dataset_from_files, list_audio_files
 from snac_accel.model import build_generator
+
+from .conftest import tiny_config
 
 SENTINEL = "hf_SECRETsentinel0123456789abcdefXYZ"
 EXPORT_FILES = {"config.json", "model.safetensors", "pytorch_model.bin", "README.md", "spectrogram.png"}
@@ -62,26 +66,86 @@ def test_export_is_a_hub_folder_that_snac_loads_and_decodes(exported, trained_ru
     assert all(int(c.max()) < 256 for c in codes)
 
 
-def test_model_card_states_what_a_user_needs(exported):
+def test_model_card_states_what_a_user_needs(exported, trained_run):
     card = (exported / "README.md").read_text()
     meta = _front_matter(card)
     assert meta["library_name"] == "snac" and "audio-codec" in meta["tags"]
     assert "datasets" not in meta  # local demo files are not Hub datasets
     n_params = sum(p.numel() for p in snac.SNAC.from_pretrained(str(exported)).parameters())
     for text in ("24000 Hz", "11.72, 23.44, 46.88 Hz", "0.656 kbps", f"{n_params:,}", "Steps: 30",
-                 "demo clips", "2 validation clips", "mel_distance", "si_sdr", "](spectrogram.png)",
-                 "SNAC.from_pretrained"):
+                 "demo clips", "2 validation clips", "](spectrogram.png)", "SNAC.from_pretrained"):
         assert text in card, text
+    # The card's numbers are what `evaluate` measures on the exported folder, on the run's validation
+    # clips and settings (the export was asked for 2 clips).
+    config = tiny_config(trained_run)
+    measured = ev.evaluate(hub.load_codec(str(exported)), ev.open_source(config.validation_data_dir), max_clips=2,
+                           max_seconds=config.validation_seconds, target_loudness=config.target_loudness,
+                           timing=False)
+    assert measured["clips"] == 2
+    for key in ("mel_distance", "stft_distance", "si_sdr"):
+        assert f"| {key} | {measured['metrics'][key]:.4f} |" in card, key
 
 
-def test_spectrogram_is_a_png_of_original_over_reconstruction(exported):
+class ReferenceCodec(torch.nn.Module):
+    """A codec whose reconstruction is known: the input itself (perfect) or silence (blank)."""
+
+    sampling_rate = 24000
+
+    def __init__(self, blank: bool) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(0.0 if blank else 1.0))
+
+    def encode(self, audio: torch.Tensor) -> list[torch.Tensor]:
+        return [audio]
+
+    def decode(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        return self.gain * codes[0]
+
+
+def pixels(path) -> torch.Tensor:
+    Image = pytest.importorskip("PIL.Image")
+    import numpy as np
+
+    with Image.open(path) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB"))).float()
+
+
+def halves_mismatch(image: torch.Tensor) -> float:
+    """How unlike the top half (original) the bottom half (reconstruction) looks: mean pixel difference at
+    the best vertical alignment, whatever draws the figure (margins, titles and gaps shift the panels)."""
+    height, half = image.shape[0], image.shape[0] // 2
+    best = math.inf
+    for shift in range(-(height // 8), height // 8 + 1):
+        rows = min(half, height - half - shift)
+        best = min(best, (image[:rows] - image[half + shift:half + shift + rows]).abs().mean().item())
+    return best
+
+
+def first_validation_clip(demo_dir) -> torch.Tensor:
+    """The clip an export draws: the first usable validation file, its first 4 s at the data's level."""
+    (_, raw), *_ = ev.rows(ev.open_source(str(demo_dir / "validation")))
+    audio, _ = ev.load_clip(raw, 24000, 4 * 24000, None)
+    return audio
+
+
+def test_spectrogram_is_a_png_of_original_over_reconstruction(exported, demo_dir, tmp_path):
     data = (exported / "spectrogram.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    Image = pytest.importorskip("PIL.Image")
-    with Image.open(exported / "spectrogram.png") as image:
-        image.load()
-        width, height = image.size
-    assert width > 100 and height > 100
+    image = pixels(exported / "spectrogram.png")
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+    # The figure draws the reconstruction: a perfect codec's bottom half repeats the top, a blank one's does not.
+    audio = first_validation_clip(demo_dir)
+    figures = {name: pixels(hub.spectrogram_figure(ReferenceCodec(blank=name == "blank"), audio,
+                                                   tmp_path / f"{name}.png")) for name in ("perfect", "blank")}
+    assert halves_mismatch(figures["perfect"]) < 0.1 * halves_mismatch(figures["blank"])
+
+    # The export's figure is the exported codec's reconstruction of that clip, which is not silence.
+    ours = pixels(hub.spectrogram_figure(hub.load_codec(str(exported)), audio, tmp_path / "ours.png"))
+    assert torch.equal(ours, image)
+    half = image.shape[0] // 2
+    assert torch.equal(image[:half // 2], figures["blank"][:half // 2])  # the same original on top
+    assert (image[half:] - figures["blank"][half:]).abs().mean() > 0.1 * halves_mismatch(figures["blank"])
 
 
 def test_png_writer_round_trips_pixels(tmp_path):
@@ -119,9 +183,9 @@ def ema_checkpoint(tmp_path_factory):
     generator, optimizer = accelerator.prepare(generator, optimizer)
     ema = AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
     ema.update_parameters(generator)  # the first update copies; the second one averages
-    with torch.no_grad():
+    with torch.no_grad():  # a small step: a codec still (a large one saturates the output at a constant)
         for p in generator.parameters():
-            p.add_(0.1)
+            p.add_(0.01 * torch.randn_like(p))
     ema.update_parameters(generator)
     schedulers = [torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9) for _ in range(2)]
     state = TrainState(step=7, best_step=7, extra={"best_metrics": {"val/mel_distance": 3.25}})
@@ -150,6 +214,39 @@ def test_use_ema_without_ema_is_one_clear_error(trained_run, tmp_path, capsys):
     assert export_cli.main([str(trained_run), "--export_dir", str(tmp_path / "x"), "--use_ema"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no EMA weights" in err and "--ema_decay" in err
+
+
+def test_evaluate_use_ema_measures_the_averaged_weights(ema_checkpoint, demo_dir, tmp_path):
+    folder, raw, averaged = ema_checkpoint
+    clip = str(sorted((demo_dir / "validation").glob("*.flac"))[0])
+    for name, state, flags in (("ema", averaged, ["--use_ema"]), ("raw", raw, [])):
+        output = tmp_path / f"{name}.json"
+        assert ev.main([str(folder), clip, "--max_seconds", "0.5", "--output_json", str(output), *flags]) == 0
+        model = build_generator({**MODEL_PRESETS["tiny"], "noise": False})
+        model.load_state_dict(state)
+        expected = ev.evaluate(model, ev.open_source(clip), max_seconds=0.5, timing=False)
+        measured = json.loads(output.read_text())
+        assert measured["metrics"] == pytest.approx(expected["metrics"], rel=1e-6), name
+        assert measured["codebooks"] == expected["codebooks"], name
+    assert json.loads((tmp_path / "ema.json").read_text())["metrics"] != json.loads(
+        (tmp_path / "raw.json").read_text())["metrics"]
+
+
+def test_export_takes_the_best_checkpoint_or_with_checkpoint_latest_the_last(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "checkpoints", run / "checkpoints")
+    shutil.copy(trained_run / "config.yaml", run / "config.yaml")
+    # As a run whose validation found step 15 best: the latest checkpoint's TrainState records it.
+    for path in (run / "checkpoints" / "checkpoint_30").glob("custom_checkpoint_*.pkl"):
+        state = torch.load(path, weights_only=False)
+        if isinstance(state, dict) and "best_step" in state:
+            torch.save({**state, "best_step": 15}, path)
+    for which, step in (("best", 15), ("latest", 30)):
+        flags = [] if which == "best" else ["--checkpoint", "latest"]
+        assert export_cli.main([str(run), "--export_dir", str(tmp_path / which), "--eval_clips", "0", *flags]) == 0
+        expected = load_file(run / "checkpoints" / f"checkpoint_{step}" / "model.safetensors")
+        assert _same_weights(load_file(tmp_path / which / "model.safetensors"), expected), which
+        assert f"Steps: {step}" in (tmp_path / which / "README.md").read_text()
 
 
 def test_load_codec_reads_ours_released_folders_and_checkpoints(exported, trained_run, tmp_path):
@@ -251,6 +348,30 @@ def test_push_uploads_only_the_export_with_the_env_token_and_never_leaks_it(
     for path in written:
         assert SENTINEL.encode() not in path.read_bytes(), path
     assert SENTINEL not in caplog.text + out.out + out.err
+
+
+def test_training_pushes_its_export_at_the_end_and_without_a_token_keeps_it(tmp_path, monkeypatch, no_login,
+                                                                            caplog):
+    from snac_accel import train
+
+    hub_calls = HubRecorder(monkeypatch)
+    run = tmp_path / "run"
+    options = dict(push_to_hub=True, hub_model_id="someone/tiny-snac", max_train_steps=1, train_batch_size=2,
+                   segment_seconds=0.25, checkpointing_steps=0, validation_data_dir=None)
+    caplog.set_level("ERROR")
+    final = train(tiny_config(run, **options))  # no token: one error, no crash, the export stays
+    assert hub_calls.calls == []
+    assert "no Hugging Face token" in caplog.text and str(final) in caplog.text
+    assert isinstance(snac.SNAC.from_pretrained(str(final)), snac.SNAC)
+    assert (run / "checkpoints" / "checkpoint_1").is_dir()
+
+    # With a token, the same run (resumed at its last step: nothing left to train) pushes its export.
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    assert train(tiny_config(run, resume_from_checkpoint="latest", **options)) == final
+    (repo,), (upload,) = hub_calls.named("create_repo"), hub_calls.named("upload_folder")
+    assert repo["repo_id"] == "someone/tiny-snac" and repo["token"] == SENTINEL
+    assert upload["folder_path"] == str(final) and set(upload["uploaded"]) == {
+        "config.json", "model.safetensors", "pytorch_model.bin", "README.md"}
 
 
 def test_push_reads_the_login_cache(exported, monkeypatch, no_login):

@@ -1,4 +1,4 @@
-"""launch.sh setup on a machine whose FFmpeg libraries do not load.
+"""launch.sh setup: idempotent, and refusing on a machine whose FFmpeg libraries do not load.
 
 A private mount namespace (``unshare -m``) hides FFmpeg from this test only: /dev/null is bind-mounted
 over every libavutil the loader knows, so torchcodec imports but cannot decode, as on a fresh machine
@@ -122,3 +122,47 @@ def test_setup_names_the_command_when_the_install_fails(venv, fake_apt):
     assert result.returncode == 1
     assert "E: Unable to locate package ffmpeg" in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith("Run: apt-get install ffmpeg")
+
+
+# Stands in for the venv's python: logs every call; pip calls end there (nothing is installed),
+# anything else (the FFmpeg check) runs on the real interpreter.
+PYTHON_STAND_IN = """#!/usr/bin/env bash
+echo "$*" >> "$(dirname "$0")/../calls.log"
+[[ "$1 $2" == "-m pip" ]] && exit 0
+exec {python} "$@"
+"""
+
+
+def plain_setup(venv: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "launch.sh"), "setup"], cwd=REPO, env={**os.environ, "VENV": str(venv)},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_setup_installs_once_then_reinstalls_nothing(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(PYTHON_STAND_IN.format(python=sys.executable))
+    python.chmod(0o755)
+    calls = venv / "calls.log"
+    stamp = venv / ".snac-accel-stamp"
+    expected = hashlib.sha256(b"".join((REPO / name).read_bytes()
+                                       for name in ("setup.cfg", "pyproject.toml", "constraints.txt"))).hexdigest()
+
+    first = plain_setup(venv)  # no stamp yet: installs, then records what it installed
+    assert first.returncode == 0, first.stderr
+    assert "setting up" in first.stdout
+    assert sum(line.startswith("-m pip install") for line in calls.read_text().splitlines()) == 2
+    assert stamp.read_text().strip() == expected
+
+    calls.unlink()
+    stamped = stamp.stat().st_mtime_ns
+    second = plain_setup(venv)  # nothing changed: no pip, one line, the stamp untouched
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines() == [f"ready: {venv} (packages installed, FFmpeg decodes audio)"]
+    assert not any(line.startswith("-m pip") for line in calls.read_text().splitlines())
+    assert stamp.stat().st_mtime_ns == stamped and stamp.read_text().strip() == expected
+
+    stamp.write_text("stale\n")  # the requirements changed since: set up again
+    third = plain_setup(venv)
+    assert "setting up" in third.stdout and stamp.read_text().strip() == expected

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from snac_accel.config import ConfigError, parse_args
 from snac_accel.trainer import NonFiniteError, SnacTrainer, list_checkpoints, resolve_resume_path
 
 from .conftest import tiny_config
+from .helpers import (all_finite, assert_identical, clone, custom_states, differences, optimizer_states, record_steps,
+                      training_state)
 
 
 def weights(checkpoint: Path, index: int = 0) -> dict[str, torch.Tensor]:
@@ -72,54 +77,106 @@ def test_discriminator_gets_no_gradient_from_the_generator_pass(tmp_path):
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):
-    final = SnacTrainer(tiny_config(tmp_path, mixed_precision="bf16", max_train_steps=3, segment_seconds=0.25,
-                                    checkpointing_steps=0)).fit()
+    trainer = SnacTrainer(tiny_config(tmp_path, mixed_precision="bf16", max_train_steps=2, segment_seconds=0.25,
+                                      train_batch_size=2, checkpointing_steps=0, validation_data_dir=None))
+    convs = {"generator": next(m for m in trainer.unwrapped_generator.encoder.modules() if isinstance(m, nn.Conv1d)),
+             "discriminator": next(m for m in trainer.discriminator.modules() if isinstance(m, nn.Conv2d))}
+    seen: dict[str, set] = {name: set() for name in convs}
+    for name, conv in convs.items():  # the period discriminator's first conv: its STFT branch stays float32
+        conv.register_forward_hook(lambda module, args, output, name=name: seen[name].add(output.dtype))
+    start = clone(trainer.unwrapped_generator.state_dict())
+    final = trainer.fit()
+    assert seen == {"generator": {torch.bfloat16}, "discriminator": {torch.bfloat16}}
     exported = load_file(final / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in exported.values())
     assert all(v.dtype == torch.float32 for v in exported.values())
+    assert max_difference(exported, start) > 1e-6  # the bf16 steps did train
 
 
 def test_ema_is_exported_and_differs_from_raw_weights(tmp_path):
-    trainer = SnacTrainer(tiny_config(tmp_path, ema_decay=0.5, max_train_steps=3, segment_seconds=0.25,
-                                      checkpointing_steps=0))
+    decay = 0.5
+    trainer = SnacTrainer(tiny_config(tmp_path, ema_decay=decay, max_train_steps=3, segment_seconds=0.25,
+                                      train_batch_size=2, checkpointing_steps=0))
+    before_step = record_steps(trainer)
     final = trainer.fit()
+    # The raw weights after each update; the EMA copies the first (torch's AveragedModel), then
+    # ema <- decay * ema + (1 - decay) * raw.
+    raw = [s["generator"] for s in before_step[1:]] + [clone(trainer.unwrapped_generator.state_dict())]
+    expected = raw[0]
+    for update in raw[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * update[k] for k in expected}
     exported = load_file(final / "model.safetensors")
-    ema = trainer.ema.module.state_dict()
-    raw = trainer.unwrapped_generator.state_dict()
-    assert max_difference(exported, ema) == 0
-    assert max_difference(exported, raw) > 0
+    assert exported.keys() == expected.keys()
+    for name, value in exported.items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert max_difference(exported, raw[-1]) > 1e-6 and max_difference(raw[0], raw[-1]) > 1e-6
     assert (tmp_path / "checkpoints/checkpoint_3").is_dir()
 
 
+def without_step(snapshot: dict) -> dict:
+    return {k: v for k, v in snapshot.items() if k != "step"}
+
+
 def test_non_finite_updates_are_skipped_then_stop_with_checkpoint_intact(tmp_path):
-    trainer = SnacTrainer(tiny_config(tmp_path, max_train_steps=2, segment_seconds=0.25, checkpointing_steps=2,
-                                      max_nonfinite_steps=3, validation_data_dir=None))
+    trainer = SnacTrainer(tiny_config(tmp_path, max_train_steps=3, segment_seconds=0.25, checkpointing_steps=3,
+                                      train_batch_size=2, max_nonfinite_steps=3, validation_data_dir=None))
+    before_step = record_steps(trainer)
+    recorded_step = trainer.train_step
+    batches = []
+
+    def second_batch_nan(real: torch.Tensor) -> dict:
+        batches.append(real)
+        return recorded_step(torch.full_like(real, float("nan")) if len(batches) == 2 else real)
+
+    trainer.train_step = second_batch_nan
     trainer.fit()
-    before = weights(tmp_path / "checkpoints/checkpoint_2")
+    # One NaN batch: its update is skipped (weights, Adam moments, schedules untouched), the next one trains.
+    after = training_state(trainer)
+    assert_identical(without_step(before_step[1]), without_step(before_step[2]), "state over the NaN batch")
+    assert differences(without_step(before_step[0]), without_step(before_step[1]))  # the first update did move
+    assert trainer.state.skipped_updates == {"generator": 1, "discriminator": 1}
+    assert trainer.state.nonfinite_in_row == {"generator": 0, "discriminator": 0} and trainer.state.step == 3
+    assert differences(without_step(before_step[2]), without_step(after))  # and training went on
+    assert all_finite(after)
+
+    before = weights(tmp_path / "checkpoints/checkpoint_3")
     with torch.no_grad():  # a diverged generator: every loss is NaN from here on
         for param in trainer.unwrapped_generator.decoder.parameters():
             param.fill_(float("nan"))
+    diverged = training_state(trainer)
     trainer.max_steps = 20
     with pytest.raises(NonFiniteError, match="3 non-finite updates in a row"):
         trainer.fit()
-    assert trainer.state.skipped_updates == {"generator": 3, "discriminator": 3}
-    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
-    assert max_difference(before, weights(tmp_path / "checkpoints/checkpoint_2")) == 0
+    assert trainer.state.skipped_updates == {"generator": 4, "discriminator": 4}
+    assert_identical(without_step(diverged), without_step(training_state(trainer)), "state over skipped updates")
+    assert all_finite(diverged["discriminator"]) and all_finite(diverged["opt_d"])
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [3]
+    assert max_difference(before, weights(tmp_path / "checkpoints/checkpoint_3")) == 0
 
 
 def test_resume_mid_epoch_is_bit_identical(tmp_path):
     # 36 clips / batch 4 = 9 batches per epoch: the cut at 5 is mid-epoch, the run crosses an epoch.
-    common = dict(segment_seconds=0.25, checkpointing_steps=5, model_noise=True, quantizer_dropout=0.5)
+    # EMA and dead-code restarts are on: their states must come back exactly as well.
+    common = dict(segment_seconds=0.25, checkpointing_steps=5, model_noise=True, quantizer_dropout=0.5,
+                  ema_decay=0.9, dead_code_steps=2)
     SnacTrainer(tiny_config(tmp_path / "straight", max_train_steps=10, **common)).fit()
     SnacTrainer(tiny_config(tmp_path / "cut", max_train_steps=5, **common)).fit()
     resumed = SnacTrainer(tiny_config(tmp_path / "cut", max_train_steps=10, resume_from_checkpoint="latest",
                                       **common))
     resumed.fit()
     assert resumed.state.epoch == 1
+    straight, cut = tmp_path / "straight/checkpoints/checkpoint_10", tmp_path / "cut/checkpoints/checkpoint_10"
     for index in (0, 1):
-        a = weights(tmp_path / "straight/checkpoints/checkpoint_10", index)
-        b = weights(tmp_path / "cut/checkpoints/checkpoint_10", index)
+        a, b = weights(straight, index), weights(cut, index)
         assert all(torch.equal(a[k], b[k]) for k in a), f"model_{index} differs after resume"
+    assert_identical(optimizer_states(straight), optimizer_states(cut), "optimizer state")
+    a, b = custom_states(straight), custom_states(cut)
+    assert a["restarter"]["restarted"].sum() > 0  # codes were re-seeded, some after the cut
+    assert a["restarter"]["restarted"].sum() > custom_states(tmp_path / "cut/checkpoints/checkpoint_5")[
+        "restarter"]["restarted"].sum()
+    assert a["ema"]["n_averaged"] == 10
+    for part in ("restarter", "ema", "schedulers"):
+        assert_identical(a[part], b[part], part)
 
 
 def test_kill_during_save_leaves_latest_on_the_last_complete_checkpoint(tmp_path):
@@ -187,6 +244,14 @@ def test_config_file_with_cli_overrides_and_effective_config(tmp_path, trained_r
     effective = trained_run / "config.yaml"
     again = parse_args(["--config", str(effective)])
     assert again.max_train_steps == 30 and again.segment_seconds == 0.5
+    # JSON too (tab-indented here, which a YAML parser refuses): nulls, booleans and floats come through.
+    run_json = tmp_path / "run.json"
+    run_json.write_text(json.dumps({"preset": "tiny", "train_data_dir": tiny_config(tmp_path).train_data_dir,
+                                    "train_batch_size": 3, "ema_decay": 0.99, "model_noise": False,
+                                    "max_train_steps": None, "num_train_epochs": 2}, indent="\t"))
+    config = parse_args(["--config", str(run_json), "--train_batch_size", "5"])
+    assert (config.train_batch_size, config.ema_decay, config.model_noise) == (5, 0.99, False)
+    assert (config.max_train_steps, config.num_train_epochs) == (None, 2)
     (tmp_path / "bad.yaml").write_text("presett: tiny\n")
     with pytest.raises(ConfigError, match="unknown options"):
         parse_args(["--config", str(tmp_path / "bad.yaml")])
@@ -214,12 +279,19 @@ def test_bad_options_are_refused_before_training(tmp_path, args, message):
 def test_tensorboard_gets_losses_codebook_stats_validation_and_media(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    SnacTrainer(tiny_config(tmp_path, dead_code_steps=2, max_train_steps=4, segment_seconds=0.25,
-                            checkpointing_steps=2, validation_steps=2, report_to="tensorboard", logging_steps=1)).fit()
+    first = SnacTrainer(tiny_config(tmp_path, dead_code_steps=2, max_train_steps=4, segment_seconds=0.25,
+                                    checkpointing_steps=2, validation_steps=2, report_to="tensorboard",
+                                    logging_steps=1))
+    first.fit()
+    saved = copy.deepcopy(first.restarter.state_dict())
+    assert saved["restarted"].sum() > 0  # dead codes were re-seeded during the run
+    assert_identical(custom_states(tmp_path / "checkpoints/checkpoint_4")["restarter"], saved, "saved restarter")
     resumed = SnacTrainer(tiny_config(tmp_path, dead_code_steps=2, max_train_steps=5, segment_seconds=0.25,
                                       resume_from_checkpoint="latest", report_to="none"))
+    start = record_steps(resumed)
     resumed.fit()
-    assert resumed.state.step == 5 and resumed.restarter.used.shape == (3, 256)
+    assert resumed.state.step == 5 and start[0]["step"] == 4
+    assert_identical(start[0]["restarter"], saved, "restarter after resume")
     events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*"))), size_guidance={"audio": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
@@ -231,7 +303,10 @@ def test_tensorboard_gets_losses_codebook_stats_validation_and_media(tmp_path):
             "perf/audio_seconds_per_second", "perf/peak_memory_gb", "val/mel_distance", "val/stft_distance",
             "val/si_sdr"} <= scalars
     usage = events.Scalars("codebook/usage_level0")
-    assert all(0 < e.value <= 1 for e in usage)
+    assert [e.step for e in usage] == [1, 2, 3, 4] and all(0 < e.value <= 1 for e in usage)
+    for level in range(3):  # every restart is logged once, at the step it happened
+        logged = sum(e.value for e in events.Scalars(f"codebook/restarted_level{level}"))
+        assert logged == saved["restarted"][level].item(), level
     assert [e.step for e in events.Scalars("val/mel_distance")] == [2, 4]
     assert "val/0/fake" in events.Tags()["audio"] and "val/0/mel_real_over_fake" in events.Tags()["images"]
     assert (tmp_path / "best" / "model.safetensors").is_file()
@@ -395,3 +470,82 @@ def test_fp16_loss_scales_are_checkpointed(tmp_path):
     resumed.fit()  # loads checkpoint_1; nothing is left to train
     assert resumed.state.step == 1
     assert {name: scaler.get_scale() for name, scaler in resumed.scalers.items()} == scales
+
+
+def test_max_train_minutes_stops_cleanly_with_checkpoint_and_export(tmp_path, caplog):
+    trainer = SnacTrainer(tiny_config(tmp_path, max_train_minutes=1e-4, max_train_steps=5, segment_seconds=0.25,
+                                      train_batch_size=2, checkpointing_steps=0, validation_data_dir=None))
+    caplog.set_level("INFO")
+    final = trainer.fit()  # a step takes longer than 6 ms: the budget is spent after the first
+    assert trainer.state.step == 1
+    assert "stopping at step 1 (--max_train_minutes)" in caplog.text
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [1]
+    assert final == tmp_path / "final" and (final / "model.safetensors").is_file()
+
+
+def test_num_train_epochs_sets_the_length_of_a_run(tmp_path, monkeypatch):
+    from snac_accel import data as data_lib
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for path in sorted(Path(tiny_config(tmp_path).train_data_dir).glob("*.flac"))[:2]:
+        shutil.copy(path, folder)
+    keys = []
+    real_iter = data_lib.EpochBatchSampler.__iter__
+
+    def recording_iter(sampler):
+        for batch in real_iter(sampler):
+            keys.append(batch)
+            yield batch
+
+    monkeypatch.setattr(data_lib.EpochBatchSampler, "__iter__", recording_iter)
+    trainer = SnacTrainer(tiny_config(tmp_path / "out", train_data_dir=str(folder), max_train_steps=None,
+                                      num_train_epochs=2, train_batch_size=1, segment_seconds=0.25,
+                                      checkpointing_steps=0, validation_data_dir=None))
+    trainer.fit()
+    assert trainer.state.step == 4  # 2 clips / batch 1 = 2 updates an epoch, 2 epochs
+    assert [epoch for (epoch, _), in keys] == [0, 0, 1, 1]
+    assert sorted(index for (_, index), in keys[:2]) == sorted(index for (_, index), in keys[2:]) == [0, 1]
+
+
+def test_validation_file_manifest_gives_the_validation_clips(tmp_path):
+    from torchcodec.decoders import AudioDecoder
+
+    from snac_accel.data import normalize_loudness
+
+    files = sorted(Path(tiny_config(tmp_path).validation_data_dir).glob("*.flac"))[:3]
+    manifest = tmp_path / "validation.csv"
+    manifest.write_text("path\n" + "".join(f"{path}\n" for path in files))
+    config = parse_args(["--train_data_dir", tiny_config(tmp_path).train_data_dir, "--validation_file", str(manifest),
+                         "--validation_seconds", "1.0", "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    trainer = SnacTrainer(config)
+    # Each file's first second (rounded to the model's padding multiple), at the training loudness.
+    length = 12 * 2048
+    expected = [normalize_loudness(AudioDecoder(str(path), sample_rate=24000, num_channels=1)
+                                   .get_all_samples().data[:, :length], 24000, config.target_loudness)
+                for path in files]
+    assert trainer.val_batch.shape == (3, 1, length)
+    torch.testing.assert_close(trainer.val_batch, torch.stack(expected), rtol=1e-5, atol=1e-6)
+    assert set(trainer.validate()) == {"val/mel_distance", "val/stft_distance", "val/si_sdr"} | {
+        f"val/codebook_{name}_level{level}" for name in ("usage", "efficiency") for level in range(3)}
+
+
+def test_max_bad_fraction_decides_when_broken_files_stop_a_run(tmp_path):
+    from snac_accel.data import DataError
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for path in sorted(Path(tiny_config(tmp_path).train_data_dir).glob("*.flac"))[:4]:
+        shutil.copy(path, folder)
+    for i in range(12):  # 3 of 4 files are not audio: about 3 of 4 samples drawn are unusable
+        (folder / f"broken_{i:02d}.wav").write_bytes(b"RIFF" + bytes(range(256)) * 4)
+    options = dict(train_data_dir=str(folder), max_train_steps=1, train_batch_size=8, segment_seconds=0.25,
+                   checkpointing_steps=0, validation_data_dir=None)
+    with pytest.raises(DataError, match=r"unusable \(more than 30%\).*raise --max_bad_fraction"):
+        SnacTrainer(tiny_config(tmp_path / "strict", max_bad_fraction=0.3, **options)).fit()
+    assert not (tmp_path / "strict" / "checkpoints").exists()  # refused at the first batch, before any update
+    tolerant = SnacTrainer(tiny_config(tmp_path / "tolerant", max_bad_fraction=0.95, **options))
+    tolerant.fit()
+    recent = tolerant.bad_tracker.recent
+    assert len(recent) >= 20 and sum(recent) / len(recent) > 0.5  # the default 0.5 would have stopped it
+    assert tolerant.state.step == 1 and tolerant.state.bad_files == sum(recent)

@@ -12,7 +12,7 @@ import torch
 from snac_accel.config import MODEL_PRESETS
 from snac_accel.data import AudioClips, ExcerptSpec, audio_dataset_from_files, list_audio_files
 from snac_accel.losses import MultiScaleMelLoss
-from snac_accel.model import build_generator
+from snac_accel.model import build_generator, generator_from_pretrained
 
 from .conftest import tiny_config
 
@@ -22,26 +22,54 @@ TRAINED_OVER_UNTRAINED = 0.8
 MIN_DISTINCT = (30, 30, 30)  # of 256 codes; 9 x 1.5 s hold 162, 324 and 648 frames at levels 0, 1, 2
 
 
-@pytest.mark.parametrize("preset,millions", [("snac_24khz", 19.8), ("snac_32khz", 54.5), ("snac_44khz", 54.5)])
-def test_presets_match_released_parameter_counts(preset, millions):
+# The released checkpoints' config.json (hubertsiuzdak/snac_24khz, snac_32khz, snac_44khz on the Hub), written
+# out by hand from the snac README and model cards: the reference the presets must equal, not a copy of them.
+RELEASED = {
+    "snac_24khz": {"sampling_rate": 24000, "encoder_dim": 48, "encoder_rates": [2, 4, 8, 8], "latent_dim": None,
+                   "decoder_dim": 1024, "decoder_rates": [8, 8, 4, 2], "attn_window_size": None,
+                   "codebook_size": 4096, "codebook_dim": 8, "vq_strides": [4, 2, 1], "noise": True,
+                   "depthwise": True},
+    "snac_32khz": {"sampling_rate": 32000, "encoder_dim": 64, "encoder_rates": [2, 3, 8, 8], "latent_dim": None,
+                   "decoder_dim": 1536, "decoder_rates": [8, 8, 3, 2], "attn_window_size": 32,
+                   "codebook_size": 4096, "codebook_dim": 8, "vq_strides": [8, 4, 2, 1], "noise": True,
+                   "depthwise": True},
+    "snac_44khz": {"sampling_rate": 44100, "encoder_dim": 64, "encoder_rates": [2, 3, 8, 8], "latent_dim": None,
+                   "decoder_dim": 1536, "decoder_rates": [8, 8, 3, 2], "attn_window_size": 32,
+                   "codebook_size": 4096, "codebook_dim": 8, "vq_strides": [8, 4, 2, 1], "noise": True,
+                   "depthwise": True},
+}
+
+
+# Parameters and bitrates as the snac README lists them (19.8M / 0.98 kbps, 54.5M / 1.9 kbps, 54.5M / 2.6 kbps).
+@pytest.mark.parametrize("preset,millions,kbps", [("snac_24khz", 19.8, 0.98), ("snac_32khz", 54.5, 1.9),
+                                                  ("snac_44khz", 54.5, 2.6)])
+def test_presets_match_released_parameter_counts(preset, millions, kbps):
+    from snac_accel.hub import codec_rates
+
+    assert MODEL_PRESETS[preset] == RELEASED[preset]
     model = snac.SNAC(**MODEL_PRESETS[preset])
-    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - millions) < 0.1
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+    assert codec_rates(MODEL_PRESETS[preset])["bitrate_bps"] / 1000 == pytest.approx(kbps, abs=0.03)
 
 
 def test_export_loads_with_snac_and_round_trips_a_demo_clip(trained_run, demo_dir):
     final = trained_run / "final"
     assert {"config.json", "model.safetensors", "pytorch_model.bin", "README.md"} <= {p.name for p in final.iterdir()}
-    model = snac.SNAC.from_pretrained(str(final))
+    model = snac.SNAC.from_pretrained(str(final))  # config.json + pytorch_model.bin
+    ours = generator_from_pretrained(str(final)).eval()  # our generator from model.safetensors
     decoder = audio_dataset_from_files(list_audio_files(demo_dir / "validation"), 24000)[0]["audio"]
     audio = decoder.get_all_samples().data[None]  # [1, 1, T]
     with torch.inference_mode():
         codes = model.encode(audio)
         out = model.decode(codes)
+        direct = ours(audio)  # encoder -> quantizer -> decoder, without SNAC.encode/decode
     padded = model.preprocess(audio).shape[-1]
     assert padded >= audio.shape[-1] and padded % 2048 == 0
     assert out.shape == (1, 1, padded)
-    assert torch.isfinite(out).all()
     assert [c.shape[-1] for c in codes] == [padded // 512 // s for s in model.vq_strides]
+    assert all(torch.equal(a, b) for a, b in zip(codes, direct.codes))
+    torch.testing.assert_close(out[..., :audio.shape[-1]], direct.audio, rtol=1e-4, atol=1e-5)
+    assert out.std() > 0.01 * audio.std()  # a signal, not silence or a constant
 
 
 @pytest.fixture(scope="module")
