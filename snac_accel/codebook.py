@@ -127,34 +127,26 @@ def sample_rows(vectors: torch.Tensor, k: int, generator: torch.Generator) -> to
     return kmeans(vectors, k, iterations=0, generator=generator)
 
 
-def _gain(module: torch.nn.Module) -> torch.Tensor:
-    """The weight-norm gain g of a `WNConv1d` (weight = g * v / |v|)."""
-    return module.parametrizations.weight.original0
-
-
 def _pool(x: torch.Tensor, stride: int) -> torch.Tensor:
     return F.avg_pool1d(x, stride, stride) if stride > 1 else x
 
 
 @torch.no_grad()
 def seed_codebooks(model: Any, audio: Iterable[torch.Tensor], method: str = "kmeans", iterations: int = 20,
-                   seed: int = 0, gather: Optional[TensorFn] = None, broadcast: Optional[TensorFn] = None,
-                   unit_scale: bool = True) -> dict[str, Any]:
-    """Start every codebook from the encoder's own vectors, coarse level first.
+                   seed: int = 0, gather: Optional[TensorFn] = None, broadcast: Optional[TensorFn] = None
+                   ) -> dict[str, Any]:
+    """Point every code at the encoder's own vectors, coarse level first.
 
     Level ``l`` sees the residual left by the already seeded levels above it, exactly as in
-    training, so each level is seeded where its inputs actually lie. ``audio`` are batches
-    [B, 1, T] of this process; ``gather`` concatenates a tensor from all processes along dim 0 and
-    ``broadcast`` copies rank 0's tensor to all, so every replica writes the same rows. Returns
-    what was done (method, vectors per level, latent scale) for the run's records.
+    training, so each level is seeded where its inputs actually lie. The code search is by cosine,
+    so the data sets each row's direction; its length stays that of the fresh codebook (DAC's
+    N(0, 1) rows, about sqrt(codebook_dim)), which keeps the decoder's input at the size a fresh
+    model starts with. (Rows at the latents' own scale, about 100x shorter, or latents rescaled to
+    unit size, measured no better or worse: see `benchmarks/quality.py` in the README.)
 
-    ``unit_scale`` first rescales each level's projections so its latents have unit RMS: the
-    in-projection's weight-norm gain is multiplied by 1 / RMS(z_e) and the out-projection's divided
-    by it, so with zero biases the decoder sees inputs of the same size as before. A fresh
-    encoder's latents are tiny (RMS about 0.005 for `tiny`): an Adam step moves them by a large
-    share of their spread in one common direction, and the cosine code search then sends every
-    frame to one code within a few steps. At unit scale the same steps are small against the
-    spread between frames.
+    ``audio`` are batches [B, 1, T] of this process; ``gather`` concatenates a tensor from all
+    processes along dim 0 and ``broadcast`` copies rank 0's tensor to all, so every replica writes
+    the same rows. Returns what was done (method, vectors per level) for the run's records.
     """
     if method not in SEED_METHODS:
         raise ValueError(f"codebook seeding method {method!r}; choose among {', '.join(SEED_METHODS)}")
@@ -167,20 +159,12 @@ def seed_codebooks(model: Any, audio: Iterable[torch.Tensor], method: str = "kme
         if gather is not None:
             vectors = gather(vectors.contiguous())
         vectors = vectors[torch.isfinite(vectors).all(-1)]
-        if unit_scale and vectors.shape[0] > 0:
-            scale = vectors.pow(2).mean().clamp(min=1e-24).rsqrt().reshape(1)
-            if broadcast is not None:
-                scale = broadcast(scale)
-            _gain(vq.in_proj).mul_(scale.to(_gain(vq.in_proj).dtype))
-            _gain(vq.out_proj).div_(scale.to(_gain(vq.out_proj).dtype))
-            latents = [vq.in_proj(_pool(residual, vq.stride)) for residual in residuals]
-            vectors = vectors * scale
-            record.setdefault("latent_scale", []).append(float(scale))
         weight = vq.codebook.weight
         if method != "none" and vectors.shape[0] > 0:
             generator = torch.Generator().manual_seed((seed * 1_000_003 + 17) * 1009 + level)
             rows = (kmeans(vectors, weight.shape[0], iterations, generator) if method == "kmeans"
                     else sample_rows(vectors, weight.shape[0], generator))
+            rows = F.normalize(rows, dim=-1) * weight.norm(dim=-1).mean()
             rows = rows.to(weight.device, weight.dtype)
             if broadcast is not None:
                 rows = broadcast(rows)

@@ -81,16 +81,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 0.999994 per iteration, no gradient clipping, batches of 16 clips of about 0.8 s, 800k iterations.
     "snac": dict(source="SNAC paper, arXiv 2410.14411", values=dict(
         learning_rate=6e-4, lr_gamma=0.999994, max_grad_norm=0.0, disc_max_grad_norm=0.0, train_batch_size=16,
-        segment_seconds=0.8)),
+        segment_seconds=0.8, disc_start=0)),
     # DAC's final configs (descript-audio-codec conf/final): AdamW lr 1e-4, decay 0.999996, gradient
     # clipping 1000 (generator) / 10 (discriminator), batch 72 x 0.38 s, 400k iterations.
     "dac": dict(source="DAC, descript-audio-codec conf/final", values=dict(
         learning_rate=1e-4, lr_gamma=0.999996, max_grad_norm=1000.0, disc_max_grad_norm=10.0, train_batch_size=72,
-        segment_seconds=0.38)),
+        segment_seconds=0.38, disc_start=0)),
     # The tiny preset on two CPU cores: what trained best in a few hundred steps (benchmarks/quality.py).
     "cpu": dict(source="measured with benchmarks/quality.py", values=dict(
         learning_rate=3e-4, lr_gamma=0.999994, max_grad_norm=1000.0, disc_max_grad_norm=10.0, train_batch_size=4,
-        segment_seconds=1.0)),
+        segment_seconds=1.0, disc_start=0)),
 }
 
 
@@ -185,7 +185,8 @@ class TrainConfig:
         None)
     disc_max_grad_norm: Optional[float] = _choice(
         "Discriminator gradient clipping norm; 0 disables clipping. Default: the recipe's.", None)
-    disc_start: int = _choice("Optimizer step at which the adversarial losses start.", 0)
+    disc_start: Optional[int] = _choice(
+        "Optimizer step at which the adversarial losses start (default: the recipe's).", None)
     mel_weight: float = _choice("Weight of the multi-scale mel loss.", 15.0)
     adversarial_weight: float = _choice("Weight of the adversarial loss.", 1.0)
     feature_matching_weight: float = _choice("Weight of the feature-matching loss.", 2.0)

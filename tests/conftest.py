@@ -20,7 +20,7 @@ def tiny_config(output_dir: Path, **overrides):
         preset="tiny", train_data_dir=str(DEMO / "train"), validation_data_dir=str(DEMO / "validation"),
         output_dir=str(output_dir), train_batch_size=4, segment_seconds=0.5, max_train_steps=30,
         learning_rate=3e-4, checkpointing_steps=15, report_to="none", dataloader_num_workers=0,
-        model_noise=False, seed=0, max_validation_clips=4, validation_seconds=1.0,
+        model_noise=False, seed=0, max_validation_clips=4, validation_seconds=1.0, disc_start=0,
     )
     values.update(overrides)
     return TrainConfig(**values)

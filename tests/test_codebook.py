@@ -99,23 +99,19 @@ def test_seeded_codebooks_sit_on_the_encoders_vectors_and_use_more_codes(trainin
     codes_before, fit_before = distinct_codes(model, validation_audio), nearest_code_cosine(model, training_audio)
     with torch.no_grad():
         audio_before = model(validation_audio[:2]).audio
+    fresh_norm = torch.stack([vq.codebook.weight.norm(dim=-1).mean() for vq in model.quantizer.quantizers])
     record = seed_codebooks(model, training_audio.split(6), "kmeans", seed=0)
     codes_after, fit_after = distinct_codes(model, validation_audio), nearest_code_cosine(model, training_audio)
     assert record["method"] == "kmeans" and record["vectors"] == [36 * 12, 36 * 24, 36 * 48]
     assert all(a > b for a, b in zip(codes_after, codes_before)), (codes_before, codes_after)
-    assert all(a > b + 0.05 for a, b in zip(fit_after, fit_before)), (fit_before, fit_after)  # ~0.8 -> ~0.93
+    assert all(a > b + 0.05 for a, b in zip(fit_after, fit_before)), (fit_before, fit_after)
+    for vq, norm in zip(model.quantizer.quantizers, fresh_norm):
+        # The data sets the directions; the rows keep the fresh codebook's length (about sqrt(8)).
+        torch.testing.assert_close(vq.codebook.weight.norm(dim=-1), norm.expand(vq.codebook.weight.shape[0]))
     with torch.no_grad():
-        out = model(training_audio)
         audio_after = model(validation_audio[:2]).audio
-    for vq, z_e in zip(model.quantizer.quantizers, out.latents):
-        rows = vq.codebook.weight.detach()
-        vectors = z_e.transpose(1, 2).reshape(-1, rows.shape[1])
-        assert 0.7 < vectors.pow(2).mean().sqrt() < 1.5  # latents rescaled to unit RMS...
-        assert 0.3 < rows.norm(dim=-1).median() / vectors.norm(dim=-1).median() < 3  # ...and codes at their scale
-    # The rescaling moves the gain from the out-projections into the in-projections: the decoder's
-    # input, hence the output, keeps its size (new codes change its content).
     ratio = audio_after.pow(2).mean().sqrt() / audio_before.pow(2).mean().sqrt()
-    assert 0.5 < ratio < 2, ratio
+    assert 0.5 < ratio < 2, ratio  # the decoder's input keeps its size: new codes, not a new scale
 
 
 def test_health_figures_and_collapse_warning_from_a_known_histogram():
