@@ -98,7 +98,7 @@ def ours(codec: Path, data: Path, out: Path, processes: int, extra: list[str]) -
 
 def agreement(folder: Path, reference: dict[str, list[torch.Tensor]]) -> float:
     """Share of the folder's codes equal to the reference codes of the same files."""
-    from snac_accel.codes import load_codes, read_info, row_codes
+    from snac_accel.tokenizer.codes import load_codes, read_info, row_codes
 
     info, same, total = read_info(folder), 0, 0
     for row in load_codes(folder):

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from snac_accel.config import TrainConfig  # noqa: E402
-from snac_accel.trainer import SnacTrainer, peak_memory_gb  # noqa: E402
+from snac_accel.progress import peak_memory_gb  # noqa: E402
+from snac_accel.trainer import SnacTrainer  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "snac_accel" / "demo_data"
 

@@ -20,11 +20,11 @@ from typing import Any, Iterator, Optional
 import torch
 from accelerate.logging import get_logger
 
-from . import codes as codes_lib
 from .evaluate import _Running, _speech_metrics, clip_metrics
 from .hub import ensure_accelerate_state, load_codec
 from .losses import MultiScaleMelLoss, MultiScaleSTFTLoss
-from .source_rows import MapRows, RowReader, StreamRows, open_rows
+from .tokenizer import codes as codes_lib
+from .tokenizer.source_rows import MapRows, RowReader, StreamRows, open_rows
 
 logger = get_logger(__name__)
 

@@ -2,7 +2,7 @@
 
 CODEC is anything `snac_accel.hub.load_codec` reads; DATA anything the trainer reads (Hub id with
 ``--dataset_config_name``/``--split``, a local dataset folder, an audio folder or file, a CSV/JSONL
-manifest; ``--streaming``). The output is described in `snac_accel.codes`.
+manifest; ``--streaming``). The output is described in `snac_accel.tokenizer.codes`.
 
 - Split: source row i belongs to shard i // shard_size, and shard N to process N % processes, so
   the shards (names and contents) do not depend on the number of processes: a 2-process run writes
@@ -16,7 +16,7 @@ manifest; ``--streaming``). The output is described in `snac_accel.codes`.
 - Batches hold clips (or chunks) of the same padded length only: SNAC pads every input with zeros
   to that grid, and zeros beyond it change the last codes (measured: the last 1 to 6 frames).
   On a CPU, where batches make the encoder memory-bound, the loader's workers encode their rows
-  one at a time, one thread each, instead (`snac_accel.chunks.RowEncoder`).
+  one at a time, one thread each, instead (`snac_accel.tokenizer.chunks.RowEncoder`).
 - Mixed precision (``--mixed_precision bf16``) runs the encoder under autocast; the quantizer always
   runs in float32 (a nearest-code search in half precision picks other codes).
 """
@@ -36,13 +36,15 @@ from typing import Any, Optional
 import torch
 from accelerate.logging import get_logger
 
-from . import codes as codes_lib
 from . import data as data_lib
-from .chunks import Batcher, ChunkPlan, Piece, RowEncoder, available_cores, cpu_autocast, encode_batch
+from .card import codec_rates
 from .config import _choice
 from .hub import load_codec
-from .source_rows import MapRows, RowReader, SourceError, StreamRows, identity, local_path, open_rows
-from .tokens import LAYOUTS, LayoutError, code_dtype, frame_positions, interleave, parse_offsets, shift_levels
+from .tokenizer import codes as codes_lib
+from .tokenizer.chunks import Batcher, ChunkPlan, Piece, RowEncoder, available_cores, cpu_autocast, encode_batch
+from .tokenizer.source_rows import MapRows, RowReader, SourceError, StreamRows, identity, local_path, open_rows
+from .tokenizer.tokens import (LAYOUTS, LayoutError, code_dtype, frame_positions, interleave, parse_offsets,
+                               shift_levels)
 
 logger = get_logger(__name__)
 
@@ -180,8 +182,6 @@ class DatasetEncoder:
 
     def _describe(self) -> dict[str, Any]:
         """What decides the codes (compared on resume) and what the card reports."""
-        from .hub import codec_rates
-
         config, model = self.config, self.model
         weights_file, sha256 = codes_lib.weights_sha256(codes_lib.codec_folder(config.codec))
         rates = codec_rates(model.config)

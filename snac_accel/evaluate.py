@@ -32,8 +32,9 @@ import torch
 from accelerate.logging import get_logger
 
 from . import data as data_lib
+from .card import codec_rates
 from .codebook import collapse_warnings
-from .hub import codec_rates, ensure_accelerate_state, load_codec
+from .hub import ensure_accelerate_state, load_codec
 from .losses import MultiScaleMelLoss, MultiScaleSTFTLoss, si_sdr
 
 logger = get_logger(__name__)
@@ -95,7 +96,7 @@ def load_clip(raw: Any, sample_rate: int, max_samples: int, target_loudness: Opt
             return None, "no audio in the row"
         clip = data_lib.decode_excerpt(feature.decode_example(raw), max_samples, sample_rate, None)
     except Exception as err:  # torchcodec/FFmpeg raise many types for truncated or non-audio input
-        return None, data_lib._reason(err)
+        return None, data_lib.decode_problem(err)
     if clip.audio is None:
         return None, clip.problem
     if clip.audio.abs().max() < data_lib.SILENCE_PEAK:

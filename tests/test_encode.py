@@ -31,11 +31,11 @@ from accelerate import PartialState
 from torchcodec.decoders import AudioDecoder
 from torchcodec.encoders import AudioEncoder
 
-from snac_accel import codes as codes_lib
 from snac_accel import decode as decode_cli
 from snac_accel import encode as encode_cli
-from snac_accel.chunks import ChunkPlan
-from snac_accel.tokens import deinterleave, frame_positions, interleave, parse_offsets
+from snac_accel.tokenizer import codes as codes_lib
+from snac_accel.tokenizer.chunks import ChunkPlan
+from snac_accel.tokenizer.tokens import deinterleave, frame_positions, interleave, parse_offsets
 
 from .conftest import DEMO
 from .test_data import BROKEN, write_broken

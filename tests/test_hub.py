@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from snac_accel import card as card_lib
 from snac_accel import evaluate as ev
 from snac_accel import export as export_cli
 from snac_accel import hub
@@ -23,7 +24,8 @@ from snac_accel.model import build_generator
 from .conftest import tiny_config
 
 SENTINEL = "hf_SECRETsentinel0123456789abcdefXYZ"
-EXPORT_FILES = {"config.json", "model.safetensors", "pytorch_model.bin", "README.md", "spectrogram.png"}
+EXPORT_FILES = {"config.json", "model.safetensors", "pytorch_model.bin", "README.md", "spectrogram.png",
+                "codebook_usage.png"}
 
 
 def _front_matter(card: str) -> dict:
@@ -73,7 +75,8 @@ def test_model_card_states_what_a_user_needs(exported, trained_run):
     assert "datasets" not in meta  # local demo files are not Hub datasets
     n_params = sum(p.numel() for p in snac.SNAC.from_pretrained(str(exported)).parameters())
     for text in ("24000 Hz", "11.72, 23.44, 46.88 Hz", "0.656 kbps", f"{n_params:,}", "Steps: 30",
-                 "demo clips", "2 validation clips", "](spectrogram.png)", "SNAC.from_pretrained"):
+                 "demo clips", "2 validation clips", "](spectrogram.png)", "](codebook_usage.png)",
+                 "SNAC.from_pretrained"):
         assert text in card, text
     # The card's numbers are what `evaluate` measures on the exported folder, on the run's validation
     # clips and settings (the export was asked for 2 clips).
@@ -136,31 +139,60 @@ def test_spectrogram_is_a_png_of_original_over_reconstruction(exported, demo_dir
 
     # The figure draws the reconstruction: a perfect codec's bottom half repeats the top, a blank one's does not.
     audio = first_validation_clip(demo_dir)
-    figures = {name: pixels(hub.spectrogram_figure(ReferenceCodec(blank=name == "blank"), audio,
+    figures = {name: pixels(card_lib.spectrogram_figure(ReferenceCodec(blank=name == "blank"), audio,
                                                    tmp_path / f"{name}.png")) for name in ("perfect", "blank")}
     assert halves_mismatch(figures["perfect"]) < 0.1 * halves_mismatch(figures["blank"])
 
     # The export's figure is the exported codec's reconstruction of that clip, which is not silence.
-    ours = pixels(hub.spectrogram_figure(hub.load_codec(str(exported)), audio, tmp_path / "ours.png"))
+    ours = pixels(card_lib.spectrogram_figure(hub.load_codec(str(exported)), audio, tmp_path / "ours.png"))
     assert torch.equal(ours, image)
     half = image.shape[0] // 2
     assert torch.equal(image[:half // 2], figures["blank"][:half // 2])  # the same original on top
     assert (image[half:] - figures["blank"][half:]).abs().mean() > 0.1 * halves_mismatch(figures["blank"])
 
 
-def test_png_writer_round_trips_pixels(tmp_path):
-    Image = pytest.importorskip("PIL.Image")
+def test_figures_are_labelled_and_draw_the_spectra_and_usage_they_are_given(demo_dir, tmp_path):
     import numpy as np
+    import torchaudio
 
-    rgb = torch.randint(0, 256, (7, 5, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    hub.write_png(tmp_path / "x.png", rgb)
-    with Image.open(tmp_path / "x.png") as image:
-        assert np.array_equal(np.asarray(image.convert("RGB")), rgb.numpy())
+    audio = first_validation_clip(demo_dir)
+    perfect = card_lib.spectra(audio, card_lib.reconstruct(ReferenceCodec(blank=False), audio), 24000)
+    blank = card_lib.spectra(audio, card_lib.reconstruct(ReferenceCodec(blank=True), audio), 24000)
+    assert np.array_equal(perfect.reconstruction, perfect.original) and np.array_equal(blank.original, perfect.original)
+    assert perfect.original.max() == 0.0 and perfect.original.min() >= -card_lib.DB_RANGE  # dB below the original's peak
+    assert (blank.reconstruction == -card_lib.DB_RANGE).all()  # silence: the bottom of the scale
+    assert perfect.seconds == audio.shape[-1] / 24000
+    # The frequency axis: each band's centre lies within one FFT bin of the peak of torchaudio's filter.
+    filters = torchaudio.functional.melscale_fbanks(257, 0.0, 12000.0, 80, 24000, norm="slaney", mel_scale="slaney")
+    peaks = filters.argmax(0).numpy() * 12000.0 / 256
+    assert perfect.band_hz.shape == (80,) and np.abs(perfect.band_hz - peaks).max() <= 12000.0 / 256
+
+    figure = card_lib.spectrogram_plot(blank)
+    panels = [ax for ax in figure.axes if ax.get_title()]
+    colour_bars = [ax for ax in figure.axes if not ax.get_title()]
+    assert [ax.get_title().split(":")[0] for ax in panels] == ["original", "reconstruction"]
+    assert panels[0].get_position().y0 > panels[1].get_position().y1  # original above reconstruction
+    for ax in panels:
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("time (s)", "frequency (Hz)")
+        assert ax.get_xlim() == pytest.approx((0.0, blank.seconds))
+        assert {"250", "1k", "4k"} <= {label.get_text() for label in ax.get_yticklabels()}
+    assert len(colour_bars) == 2 and all("dB" in ax.get_ylabel() for ax in colour_bars)
+    assert np.array_equal(panels[1].get_images()[0].get_array(), blank.reconstruction)
+
+    usage, efficiency = [0.5, 0.25, 0.05], [0.4, 0.2, 0.01]
+    chart = card_lib.codebook_usage_plot(usage, efficiency, 256, "the validation clips")
+    (ax,) = chart.axes
+    heights = [bar.get_height() for container in ax.containers for bar in container]
+    assert heights == pytest.approx([100 * v for v in usage + efficiency])
+    assert "256 codes" in ax.get_title() and [t.get_text() for t in ax.get_xticklabels()] == [
+        "level 0", "level 1", "level 2"]
+    path = card_lib.save_figure(chart, tmp_path / "usage.png")
+    assert pixels(path).shape[:2] == (420, 700)
 
 
 def test_card_lists_hub_datasets_and_base_model():
     model = build_generator(MODEL_PRESETS["tiny"])
-    card = hub.model_card(model, {"datasets": ["keithito/lj_speech", None], "base_model": "hubertsiuzdak/snac_24khz",
+    card = card_lib.model_card(model, {"datasets": ["keithito/lj_speech", None], "base_model": "hubertsiuzdak/snac_24khz",
                                   "metrics": {"val/mel_distance": 1.5}, "repo_id": "me/codec"})
     meta = _front_matter(card)
     assert meta["datasets"] == ["keithito/lj_speech"] and meta["base_model"] == "hubertsiuzdak/snac_24khz"
@@ -174,7 +206,7 @@ def ema_checkpoint(tmp_path_factory):
     from accelerate import Accelerator
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from snac_accel.trainer import TrainState
+    from snac_accel.checkpoints import TrainState
 
     torch.manual_seed(1)
     generator = build_generator({**MODEL_PRESETS["tiny"], "noise": False})
@@ -408,9 +440,9 @@ def test_push_refuses_a_folder_that_is_not_an_export(tmp_path, monkeypatch):
 def test_training_data_is_described_from_the_run_config():
     from snac_accel.config import TrainConfig
 
-    ids, words = hub.describe_training_data(TrainConfig(dataset_name="org/speech,org/music", train_split="train"))
+    ids, words = card_lib.describe_training_data(TrainConfig(dataset_name="org/speech,org/music", train_split="train"))
     assert ids == ["org/speech", "org/music"] and "https://huggingface.co/datasets/org/music" in words
     demo = TrainConfig(dataset="demo")
     demo.apply_dataset_preset()
-    assert hub.describe_training_data(demo) == ([], "the snac-accel demo clips (synthetic speech)")
-    assert hub.describe_training_data(TrainConfig(train_file="/data/list.csv")) == ([], "local manifest `list.csv`")
+    assert card_lib.describe_training_data(demo) == ([], "the snac-accel demo clips (synthetic speech)")
+    assert card_lib.describe_training_data(TrainConfig(train_file="/data/list.csv")) == ([], "local manifest `list.csv`")

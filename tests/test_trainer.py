@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from snac_accel.config import ConfigError, parse_args
-from snac_accel.trainer import NonFiniteError, SnacTrainer, list_checkpoints, resolve_resume_path
+from snac_accel.checkpoints import list_checkpoints, resolve_resume_path
+from snac_accel.step import NonFiniteError
+from snac_accel.trainer import SnacTrainer
 
 from .conftest import tiny_config
 from .helpers import (all_finite, assert_identical, clone, custom_states, differences, optimizer_states, record_steps,
@@ -308,7 +310,10 @@ def test_tensorboard_gets_losses_codebook_stats_validation_and_media(tmp_path):
         logged = sum(e.value for e in events.Scalars(f"codebook/restarted_level{level}"))
         assert logged == saved["restarted"][level].item(), level
     assert [e.step for e in events.Scalars("val/mel_distance")] == [2, 4]
-    assert "val/0/fake" in events.Tags()["audio"] and "val/0/mel_real_over_fake" in events.Tags()["images"]
+    assert "val/0/fake" in events.Tags()["audio"]
+    assert {"val/0/spectrogram", "val/1/spectrogram", "val/codebook_usage"} <= set(events.Tags()["images"])
+    figures = events.Images("val/0/spectrogram")
+    assert [e.step for e in figures] == [2, 4] and (figures[0].width, figures[0].height) == (1000, 640)
     assert (tmp_path / "best" / "model.safetensors").is_file()
 
 

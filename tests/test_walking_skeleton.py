@@ -44,7 +44,7 @@ RELEASED = {
 @pytest.mark.parametrize("preset,millions,kbps", [("snac_24khz", 19.8, 0.98), ("snac_32khz", 54.5, 1.9),
                                                   ("snac_44khz", 54.5, 2.6)])
 def test_presets_match_released_parameter_counts(preset, millions, kbps):
-    from snac_accel.hub import codec_rates
+    from snac_accel.card import codec_rates
 
     assert MODEL_PRESETS[preset] == RELEASED[preset]
     model = snac.SNAC(**MODEL_PRESETS[preset])

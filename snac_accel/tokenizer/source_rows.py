@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from . import data as data_lib
-from .evaluate import load_clip
+from .. import data as data_lib
+from ..evaluate import load_clip, open_source
 
 RESERVED = ("index", "id", "duration", "num_samples", "codes")
 
@@ -59,8 +59,6 @@ def open_rows(config: Any) -> list[tuple[str, Any]]:
     is an `EncodeConfig` (data, split, columns, streaming)."""
     import datasets
 
-    from .evaluate import open_source
-
     keep = data_lib.split_option(config.keep_columns)
     taken = [c for c in keep if c in RESERVED or c.startswith("codes_")]
     if taken:
@@ -90,7 +88,7 @@ def open_rows(config: Any) -> list[tuple[str, Any]]:
 class RowReader:
     """Decodes one source row into an item: index, id, name, audio [T] (or why not), kept values.
 
-    With ``encoder`` (a `snac_accel.chunks.RowEncoder`, on a CPU) the item carries the row's codes
+    With ``encoder`` (a `snac_accel.tokenizer.chunks.RowEncoder`, on a CPU) the item carries the row's codes
     (``codes``, per level) and its ``length`` instead of its audio.
     """
 

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from accelerate import PartialState
 
-from snac_accel.checkpoints import LOCK_NAME, OutputDirLock, OutputDirLocked
+from snac_accel.lock import LOCK_NAME, OutputDirLock, OutputDirLocked
 
 
 @pytest.fixture(autouse=True)

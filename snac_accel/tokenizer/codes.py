@@ -25,7 +25,9 @@ import torch
 import yaml
 from accelerate.logging import get_logger
 
-from .hub import HubTokenError, ensure_accelerate_state
+from ..checkpoints import resolve_checkpoint
+from ..hub import HubTokenError, ensure_accelerate_state
+from ..model import resolve_pretrained_folder
 from .tokens import deinterleave, shift_levels
 
 logger = get_logger(__name__)
@@ -109,9 +111,6 @@ def weights_sha256(folder: Path) -> tuple[str, str]:
 
 def codec_folder(codec: str) -> Path:
     """The local folder whose weights `snac_accel.hub.load_codec` reads for ``codec``."""
-    from .hub import resolve_checkpoint
-    from .model import resolve_pretrained_folder
-
     path = Path(codec)
     if path.is_dir() and not (path / "config.json").is_file():
         return resolve_checkpoint(path)

@@ -1,0 +1,116 @@
+"""What a training run reads, built from its config: excerpt specs, the training loader, the validation clips.
+
+The training loader is map-style (`AudioClips` over an `EpochBatchSampler`) or, with
+``--streaming``, a `StreamingLoader` whose position the trainer registers for checkpointing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import datasets
+import torch
+
+from ..config import ConfigError
+from .clips import AudioClips, ExcerptSpec, excerpt_from_row
+from .loaders import EpochBatchSampler, check_source, collate_clips, default_num_workers, make_loader
+from .sources import audio_column, load_sources, source_weights
+from .streaming import StreamingClips, StreamingLoader, check_stream, mix_streams
+
+
+def train_spec(config: Any) -> ExcerptSpec:
+    return ExcerptSpec(sample_rate=config.sampling_rate, length=config.segment_samples, short_clips=config.short_clips,
+                       salience_threshold=config.salience_threshold, salience_retries=config.salience_retries,
+                       target_loudness=config.target_loudness)
+
+
+def validation_spec(config: Any) -> ExcerptSpec:
+    """Fixed excerpts from each file's start, padded, no salience retries."""
+    length = max(1, round(config.validation_seconds * config.sampling_rate / config.pad_multiple)) * config.pad_multiple
+    return ExcerptSpec(sample_rate=config.sampling_rate, length=length, short_clips="pad", salience_threshold=None,
+                       target_loudness=config.target_loudness)
+
+
+def validation_batch(config: Any) -> Optional[torch.Tensor]:
+    """The fixed validation clips [N, 1, T] (the first usable ones of every source), or None."""
+    sources = load_sources(config, "validation")
+    if not sources:
+        return None
+    spec = validation_spec(config)
+    if config.streaming:
+        feature = datasets.Audio(sampling_rate=spec.sample_rate, num_channels=1)
+        clips = []
+        for name, ds in sources:
+            check_stream(ds, name, spec)
+            for example in audio_column(ds).take(config.max_validation_clips):
+                clip = excerpt_from_row(feature, example["audio"], spec, None)
+                if clip.audio is not None:
+                    clips.append(clip.audio)
+        return torch.stack(clips[:config.max_validation_clips])
+    names, datasets_ = zip(*sources)
+    clips = AudioClips(list(datasets_), spec, seed=config.seed, train=False, names=list(names))
+    check_source(clips, "validation")
+    items = [clips[i] for i in range(min(len(clips), config.max_validation_clips))]
+    return collate_clips(items)["audio"]
+
+
+@dataclass
+class TrainingData:
+    """The training batches of one process and the run's length in optimizer updates."""
+
+    loader: Any  # iterable of collated batches: a DataLoader, or the StreamingLoader
+    sampler: Any  # set_epoch(epoch, start_batch): the EpochBatchSampler, or the StreamingLoader itself
+    clips: Optional[AudioClips]  # the map-style clips; None when streaming
+    max_steps: int
+
+
+def training_data(config: Any, rank: int, world_size: int, pin_memory: bool) -> TrainingData:
+    """The training loader of process ``rank``; refuses, before training, data that cannot fill a batch."""
+    sources = load_sources(config, "train")
+    if not sources:
+        raise ConfigError("no training data source: give --dataset, --dataset_name, --train_data_dir or --train_file")
+    names, train_sets = (list(x) for x in zip(*sources))
+    weights = source_weights(config, len(sources))
+    spec = train_spec(config)
+    workers = config.dataloader_num_workers
+    if workers is None:
+        workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if config.streaming:
+        for name, stream in sources:
+            check_stream(stream, name, spec)
+        clips = StreamingClips(mix_streams(train_sets, weights, config.seed), spec, seed=config.seed, rank=rank,
+                               world_size=world_size, shuffle_buffer_size=config.shuffle_buffer_size)
+        # Endless per process; its position (rows read per loader worker) goes into checkpoints.
+        loader = StreamingLoader(clips, config.train_batch_size, workers, pin_memory, world_size=world_size)
+        return TrainingData(loader, loader, None, config.max_train_steps)
+    map_clips = AudioClips(train_sets, spec, seed=config.seed, train=True, weights=weights, names=names)
+    check_source(map_clips, "training")
+    sampler = EpochBatchSampler(len(map_clips), config.train_batch_size, seed=config.seed, num_replicas=world_size,
+                                rank=rank)
+    if len(sampler) == 0:
+        raise ConfigError(f"the training data has {len(map_clips)} clips, fewer than one batch of "
+                          f"{config.train_batch_size} per process; lower --train_batch_size")
+    updates_per_epoch = max(1, len(sampler) // config.gradient_accumulation_steps)
+    return TrainingData(make_loader(map_clips, sampler, workers, pin_memory), sampler, map_clips,
+                        config.max_train_steps or config.num_train_epochs * updates_per_epoch)
+
+
+def seeding_excerpts(data: TrainingData, count: int, seed: int, rank: int, world_size: int) -> list[torch.Tensor]:
+    """``count`` usable training excerpts of this process, off the training stream (codebook seeding)."""
+    if data.clips is None:
+        stream = iter(data.loader.clips)
+        return [item["audio"] for item in itertools.islice(
+            (item for item in stream if item["audio"] is not None), count)]
+    clips, found = data.clips, []
+    for rounds in itertools.count():
+        order = torch.randperm(len(clips), generator=torch.Generator().manual_seed(seed + rounds))
+        for index in order[rank::world_size].tolist():
+            item = clips[(-1 - rounds, index)]  # negative epochs: keys training never uses
+            if item["audio"] is not None:
+                found.append(item["audio"])
+            if len(found) == count:
+                return found
+    return found
