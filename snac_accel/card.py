@@ -214,7 +214,7 @@ def spectrogram_plot(spec: Spectra) -> Figure:
     """Original above reconstruction, each with its axes and colour bar (both panels drawn alike)."""
     figure = Figure(figsize=(10, 6.4), layout="constrained")
     bands = spec.original.shape[0]
-    ticks = [hz for hz in (100, 250, 500, 1000, 2000, 4000, 8000, 16000) if spec.band_hz[0] <= hz <= spec.band_hz[-1]]
+    ticks = [hz for hz in (250, 500, 1000, 2000, 4000, 8000, 16000) if spec.band_hz[0] <= hz <= spec.band_hz[-1]]
     positions = np.interp(ticks, spec.band_hz, np.arange(bands))
     for ax, values, title in zip(figure.subplots(2, 1), (spec.original, spec.reconstruction),
                                  ("original", "reconstruction")):
@@ -239,7 +239,7 @@ def codebook_usage_plot(usage: Sequence[float], efficiency: Sequence[float], cod
     ax.axhline(100 * COLLAPSE_USAGE, color="0.4", linestyle="--", linewidth=1,
                label=f"collapse warning below {COLLAPSE_USAGE:.0%} usage")
     ax.set_xticks(levels, [f"level {level}" for level in levels])
-    ax.set(ylim=(0, 110), ylabel="% of the codebook", title=f"Codebook use on {where} ({codebook_size} codes a level)")
+    ax.set(ylim=(0, 110), ylabel="percent", title=f"Codebook use on {where} ({codebook_size} codes a level)")
     figure.legend(loc="outside lower center", ncols=2, fontsize="small")
     return figure
 

@@ -159,7 +159,7 @@ def test_figures_are_labelled_and_draw_the_spectra_and_usage_they_are_given(demo
     perfect = card_lib.spectra(audio, card_lib.reconstruct(ReferenceCodec(blank=False), audio), 24000)
     blank = card_lib.spectra(audio, card_lib.reconstruct(ReferenceCodec(blank=True), audio), 24000)
     assert np.array_equal(perfect.reconstruction, perfect.original) and np.array_equal(blank.original, perfect.original)
-    assert perfect.original.max() == 0.0 and perfect.original.min() >= -card_lib.DB_RANGE  # dB below the original's peak
+    assert perfect.original.max() == 0.0 and perfect.original.min() >= -card_lib.DB_RANGE  # dB below its peak
     assert (blank.reconstruction == -card_lib.DB_RANGE).all()  # silence: the bottom of the scale
     assert perfect.seconds == audio.shape[-1] / 24000
     # The frequency axis: each band's centre lies within one FFT bin of the peak of torchaudio's filter.
@@ -192,8 +192,9 @@ def test_figures_are_labelled_and_draw_the_spectra_and_usage_they_are_given(demo
 
 def test_card_lists_hub_datasets_and_base_model():
     model = build_generator(MODEL_PRESETS["tiny"])
-    card = card_lib.model_card(model, {"datasets": ["keithito/lj_speech", None], "base_model": "hubertsiuzdak/snac_24khz",
-                                  "metrics": {"val/mel_distance": 1.5}, "repo_id": "me/codec"})
+    card = card_lib.model_card(model, {"datasets": ["keithito/lj_speech", None],
+                                      "base_model": "hubertsiuzdak/snac_24khz",
+                                      "metrics": {"val/mel_distance": 1.5}, "repo_id": "me/codec"})
     meta = _front_matter(card)
     assert meta["datasets"] == ["keithito/lj_speech"] and meta["base_model"] == "hubertsiuzdak/snac_24khz"
     assert "| mel_distance | 1.5000 |" in card and 'SNAC.from_pretrained("me/codec")' in card
@@ -445,4 +446,5 @@ def test_training_data_is_described_from_the_run_config():
     demo = TrainConfig(dataset="demo")
     demo.apply_dataset_preset()
     assert card_lib.describe_training_data(demo) == ([], "the snac-accel demo clips (synthetic speech)")
-    assert card_lib.describe_training_data(TrainConfig(train_file="/data/list.csv")) == ([], "local manifest `list.csv`")
+    manifest = TrainConfig(train_file="/data/list.csv")
+    assert card_lib.describe_training_data(manifest) == ([], "local manifest `list.csv`")

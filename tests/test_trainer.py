@@ -84,8 +84,24 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     convs = {"generator": next(m for m in trainer.unwrapped_generator.encoder.modules() if isinstance(m, nn.Conv1d)),
              "discriminator": next(m for m in trainer.discriminator.modules() if isinstance(m, nn.Conv2d))}
     seen: dict[str, set] = {name: set() for name in convs}
+    in_step = []  # only the training steps: codebook seeding before them encodes in float32 on purpose
+
+    def record(name: str, output: torch.Tensor) -> None:
+        if in_step:
+            seen[name].add(output.dtype)
+
     for name, conv in convs.items():  # the period discriminator's first conv: its STFT branch stays float32
-        conv.register_forward_hook(lambda module, args, output, name=name: seen[name].add(output.dtype))
+        conv.register_forward_hook(lambda module, args, output, name=name: record(name, output))
+    real_step = trainer.train_step
+
+    def step(real: torch.Tensor) -> dict:
+        in_step.append(True)
+        try:
+            return real_step(real)
+        finally:
+            in_step.clear()
+
+    trainer.train_step = step
     start = clone(trainer.unwrapped_generator.state_dict())
     final = trainer.fit()
     assert seen == {"generator": {torch.bfloat16}, "discriminator": {torch.bfloat16}}
