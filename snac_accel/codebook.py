@@ -133,8 +133,7 @@ def _pool(x: torch.Tensor, stride: int) -> torch.Tensor:
 
 @torch.no_grad()
 def seed_codebooks(model: Any, audio: Iterable[torch.Tensor], method: str = "kmeans", iterations: int = 20,
-                   seed: int = 0, gather: Optional[TensorFn] = None, broadcast: Optional[TensorFn] = None
-                   ) -> dict[str, Any]:
+                   seed: int = 0) -> dict[str, Any]:
     """Point every code at the encoder's own vectors, coarse level first.
 
     Level ``l`` sees the residual left by the already seeded levels above it, exactly as in
@@ -144,9 +143,8 @@ def seed_codebooks(model: Any, audio: Iterable[torch.Tensor], method: str = "kme
     model starts with. (Rows at the latents' own scale, about 100x shorter, or latents rescaled to
     unit size, measured no better or worse: see `benchmarks/quality.py` in the README.)
 
-    ``audio`` are batches [B, 1, T] of this process; ``gather`` concatenates a tensor from all
-    processes along dim 0 and ``broadcast`` copies rank 0's tensor to all, so every replica writes
-    the same rows. Returns what was done (method, vectors per level) for the run's records.
+    ``audio`` are batches [B, 1, T]; in a multi-process run one process seeds and the trainer
+    broadcasts its rows. Returns what was done (method, vectors per level) for the run's records.
     """
     if method not in SEED_METHODS:
         raise ValueError(f"codebook seeding method {method!r}; choose among {', '.join(SEED_METHODS)}")
@@ -156,8 +154,6 @@ def seed_codebooks(model: Any, audio: Iterable[torch.Tensor], method: str = "kme
     for level, vq in enumerate(quantizers):
         latents = [vq.in_proj(_pool(residual, vq.stride)) for residual in residuals]
         vectors = torch.cat([z_e.transpose(1, 2).reshape(-1, z_e.shape[1]) for z_e in latents]).float()
-        if gather is not None:
-            vectors = gather(vectors.contiguous())
         vectors = vectors[torch.isfinite(vectors).all(-1)]
         weight = vq.codebook.weight
         if method != "none" and vectors.shape[0] > 0:
@@ -165,10 +161,7 @@ def seed_codebooks(model: Any, audio: Iterable[torch.Tensor], method: str = "kme
             rows = (kmeans(vectors, weight.shape[0], iterations, generator) if method == "kmeans"
                     else sample_rows(vectors, weight.shape[0], generator))
             rows = F.normalize(rows, dim=-1) * weight.norm(dim=-1).mean()
-            rows = rows.to(weight.device, weight.dtype)
-            if broadcast is not None:
-                rows = broadcast(rows)
-            weight.copy_(rows)
+            weight.copy_(rows.to(weight.device, weight.dtype))
         record["vectors"].append(int(vectors.shape[0]))
         if level + 1 < len(quantizers):  # the next level quantizes what this one leaves
             for i, z_e in enumerate(latents):
@@ -180,6 +173,16 @@ def seed_codebooks(model: Any, audio: Iterable[torch.Tensor], method: str = "kme
 
 
 # ----------------------------------------------------------------------------- dead-code restarts
+
+
+def default_dead_code_steps(codebook_size: int, frames_per_update: int) -> int:
+    """Updates in which each code of the coarsest level would be drawn twice if all were used equally.
+
+    A fixed count misjudges codebooks: 10 updates fit `tiny` (256 codes, about 47 coarse frames per
+    update on the demo batch, measured best of 10 and 50 with `benchmarks/quality.py`), but a 4096-code
+    level seeing 150 frames per update would restart healthy codes that were merely not drawn yet.
+    """
+    return max(1, math.ceil(2 * codebook_size / max(1, frames_per_update)))
 
 
 class DeadCodeRestarter:

@@ -116,7 +116,9 @@ class TrainConfig:
     freeze: Optional[str] = _choice("Comma-separated parts to freeze: encoder, quantizer, decoder.", None)
     model_noise: Optional[bool] = _choice("Override the decoder's noise blocks (off makes runs deterministic).", None)
     quantizer_dropout: float = _choice("Share of each batch trained with a random number of levels (DAC).", 0.0)
-    dead_code_steps: int = _choice("Re-seed a code unused for this many optimizer steps (0 disables).", 0)
+    dead_code_steps: Optional[int] = _choice(
+        "Re-seed a code unused for this many optimizer steps (0 disables; default: the updates in which each code "
+        "of the coarsest level would be drawn twice if all were used equally).", None)
     codebook_init: Optional[str] = _choice(
         "Seed the codebooks from the encoder's vectors of training clips before the first step; default: "
         "kmeans for a fresh model, none with --init_from.", None, ["kmeans", "sample", "none"])
@@ -310,6 +312,8 @@ class TrainConfig:
                 errors.append(f"--freeze got {sorted(unknown)}; choose among encoder, quantizer, decoder")
         if not 0.0 <= self.quantizer_dropout <= 1.0:
             errors.append("--quantizer_dropout must lie in [0, 1]")
+        if self.dead_code_steps is not None and self.dead_code_steps < 0:
+            errors.append("--dead_code_steps must be 0 (off) or a number of optimizer steps")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             errors.append("--ema_decay must lie in (0, 1)")
         if self.report_to not in ("tensorboard", "wandb", "trackio", "all", "none"):

@@ -20,14 +20,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import GradScalerKwargs, ProjectConfiguration, broadcast, set_seed
+from accelerate.utils import GradScalerKwargs, ProjectConfiguration, broadcast, broadcast_object_list, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import checkpoints
 from . import data as data_lib
 from .card import describe_training_data
 from .checkpoints import MODELS, TrainState, resolve_resume_path
-from .codebook import DeadCodeRestarter, seed_codebooks
+from .codebook import DeadCodeRestarter, default_dead_code_steps, seed_codebooks
 from .config import ConfigError, TrainConfig
 from .discriminators import Discriminator
 from .export import export_folder
@@ -40,6 +40,9 @@ from .step import GanStep, build_optimizers, build_scheduler
 from .validation import Validator
 
 logger = get_logger(__name__)
+# Clips per encoder pass while seeding the codebooks: fixed, so the seeded rows do not depend on
+# the training batch size (float sums can differ between batch sizes).
+SEEDING_BATCH = 8
 
 
 class SnacTrainer:
@@ -97,9 +100,13 @@ class SnacTrainer:
             acc.register_for_checkpointing(self.ema)
         acc.register_for_checkpointing(self.sched_g, self.sched_d, self.state)
         self.restarter = None
-        if config.dead_code_steps > 0:  # registered last: the other objects keep their checkpoint indices
-            g = self.unwrapped_generator
-            self.restarter = DeadCodeRestarter(len(g.vq_strides), g.codebook_size, config.dead_code_steps,
+        g = self.unwrapped_generator
+        frames = (config.segment_samples // int(g.hop_length) // g.vq_strides[0] * config.train_batch_size
+                  * config.gradient_accumulation_steps * acc.num_processes)
+        self.dead_code_steps = (default_dead_code_steps(g.codebook_size, frames) if config.dead_code_steps is None
+                                else config.dead_code_steps)
+        if self.dead_code_steps > 0:  # registered last: the other objects keep their checkpoint indices
+            self.restarter = DeadCodeRestarter(len(g.vq_strides), g.codebook_size, self.dead_code_steps,
                                                seed=config.seed)
             acc.register_for_checkpointing(self.restarter)
         self.scalers: dict[str, torch.amp.GradScaler] = {}
@@ -169,8 +176,9 @@ class SnacTrainer:
         """Before a fresh run's first step, start the codebooks at the encoder's vectors (`seed_codebooks`).
 
         The excerpts are drawn apart from the training stream (their own keys, or a stream iterator
-        of their own), so training sees the same batches with or without seeding. The record goes
-        into the checkpointed `TrainState`: a resumed run never seeds again.
+        of their own), so training sees the same batches with or without seeding. The main process
+        seeds from the same excerpts whatever the number of processes and broadcasts the rows. The
+        record goes into the checkpointed `TrainState`: a resumed run never seeds again.
         """
         config, acc = self.config, self.accelerator
         method = config.codebook_init or ("none" if config.init_from else "kmeans")
@@ -179,15 +187,17 @@ class SnacTrainer:
         generator = self.unwrapped_generator
         frames = max(1, config.segment_samples // int(generator.hop_length) // generator.vq_strides[0])
         total = config.codebook_init_clips or min(1024, math.ceil(2 * self.codebook_size / frames))
-        per_process = math.ceil(total / acc.num_processes)
-        clips = data_lib.seeding_excerpts(self.data, per_process, config.seed, acc.process_index, acc.num_processes)
-        batches = [torch.stack(clips[i:i + config.train_batch_size]).to(acc.device)
-                   for i in range(0, len(clips), config.train_batch_size)]
-        distributed = acc.num_processes > 1
-        record = seed_codebooks(generator, batches, method, seed=config.seed,
-                                gather=acc.gather if distributed else None,
-                                broadcast=(lambda t: broadcast(t, from_process=0)) if distributed else None)
-        self.state.extra["codebook_init"] = {**record, "clips": per_process * acc.num_processes}
+        record: list[Optional[dict[str, Any]]] = [None]
+        if acc.is_main_process:  # one process seeds, so the rows do not depend on how many there are
+            clips = data_lib.seeding_excerpts(self.data, total, config.seed)
+            batches = [torch.stack(clips[i:i + SEEDING_BATCH]).to(acc.device)
+                       for i in range(0, len(clips), SEEDING_BATCH)]
+            record = [{**seed_codebooks(generator, batches, method, seed=config.seed), "clips": len(clips)}]
+        if acc.num_processes > 1:
+            for vq in generator.quantizer.quantizers:
+                vq.codebook.weight.data.copy_(broadcast(vq.codebook.weight.data.clone(), from_process=0))
+            broadcast_object_list(record, from_process=0)
+        self.state.extra["codebook_init"] = record[0]
 
     # ------------------------------------------------------------------ the loop's steps
 

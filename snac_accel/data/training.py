@@ -98,8 +98,12 @@ def training_data(config: Any, rank: int, world_size: int, pin_memory: bool) -> 
                         config.max_train_steps or config.num_train_epochs * updates_per_epoch)
 
 
-def seeding_excerpts(data: TrainingData, count: int, seed: int, rank: int, world_size: int) -> list[torch.Tensor]:
-    """``count`` usable training excerpts of this process, off the training stream (codebook seeding)."""
+def seeding_excerpts(data: TrainingData, count: int, seed: int) -> list[torch.Tensor]:
+    """``count`` usable training excerpts off the training stream, for codebook seeding.
+
+    Map-style sources give the same excerpts whatever the number of processes (their own keys,
+    negative epochs, in an order fixed by ``seed``); a stream gives this process's first rows.
+    """
     if data.clips is None:
         stream = iter(data.loader.clips)
         return [item["audio"] for item in itertools.islice(
@@ -107,10 +111,13 @@ def seeding_excerpts(data: TrainingData, count: int, seed: int, rank: int, world
     clips, found = data.clips, []
     for rounds in itertools.count():
         order = torch.randperm(len(clips), generator=torch.Generator().manual_seed(seed + rounds))
-        for index in order[rank::world_size].tolist():
+        for index in order.tolist():
             item = clips[(-1 - rounds, index)]  # negative epochs: keys training never uses
             if item["audio"] is not None:
                 found.append(item["audio"])
             if len(found) == count:
                 return found
+        if not found:  # not one usable clip in a whole pass: training reports the source itself
+            return found
+    return found
     return found
