@@ -1,7 +1,7 @@
 """Does the codec learn? A fixed-step `tiny` training on the demo train clips, measured on the demo
 validation clips (never trained on) against the untrained model.
 
-    python benchmarks/quality.py [--steps 300] [--set key=value ...] [--json results.json]
+    python benchmarks/quality.py [--steps 750] [--set key=value ...] [--json results.json]
 
 Prints, for the untrained and the trained codec: mel and STFT distance, SI-SDR (as DAC computes
 them, see `snac_accel.evaluate`), and per level the codebook usage and bitrate efficiency
@@ -58,7 +58,7 @@ def measure(model: torch.nn.Module) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (the demo's count)")
+    parser.add_argument("--steps", type=int, default=750, help="optimizer steps (the demo's count)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig override")
     parser.add_argument("--output_dir", default=None, help="keep the run here (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")

@@ -102,3 +102,27 @@ def test_help_shows_the_aliases():
                          check=True, timeout=120).stdout
     assert "--batch_size TRAIN_BATCH_SIZE" in out
     assert "--dataset_path DATASET_PATH" in out and "--log_level" in out
+
+
+# The published recipes, written out by hand from the SNAC paper (arXiv 2410.14411, sec. 4) and DAC's
+# conf/final: the reference the presets' defaults must equal, not a copy of config.RECIPES.
+PUBLISHED = {
+    "snac": dict(learning_rate=6e-4, lr_gamma=0.999994, max_grad_norm=0.0, train_batch_size=16, segment_seconds=0.8),
+    "dac": dict(learning_rate=1e-4, lr_gamma=0.999996, max_grad_norm=1000.0, disc_max_grad_norm=10.0,
+                train_batch_size=72, segment_seconds=0.38),
+}
+
+
+@pytest.mark.parametrize("argv,recipe", [(["--preset", "snac_24khz"], "snac"), (["--preset", "snac_44khz"], "snac"),
+                                         (["--preset", "snac_24khz", "--recipe", "dac"], "dac")])
+def test_snac_presets_train_with_the_published_recipe_and_dac_is_one_option(argv, recipe):
+    config = parse_args(["--train_data_dir", str(DEMO / "train"), *argv])
+    assert config.recipe == recipe
+    assert {key: getattr(config, key) for key in PUBLISHED[recipe]} == PUBLISHED[recipe]
+
+
+def test_an_option_given_beats_the_recipe():
+    config = parse_args(["--train_data_dir", str(DEMO / "train"), "--preset", "snac_24khz", "--learning_rate", "2e-4",
+                         "--max_grad_norm", "1.0", "--dead_code_steps", "0"])
+    assert (config.learning_rate, config.max_grad_norm, config.lr_gamma) == (2e-4, 1.0, 0.999994)
+    assert config.dead_code_steps == 0
