@@ -118,7 +118,9 @@ class TrainConfig:
     init_from: Optional[str] = _choice("Start from an existing SNAC folder or Hub id (config.json + weights).", None)
     freeze: Optional[str] = _choice("Comma-separated parts to freeze: encoder, quantizer, decoder.", None)
     model_noise: Optional[bool] = _choice("Override the decoder's noise blocks (off makes runs deterministic).", None)
-    quantizer_dropout: float = _choice("Share of each batch trained with a random number of levels (DAC).", 0.0)
+    quantizer_dropout: float = _choice(
+        "Share of each batch trained with a random number of levels (DAC uses 0.5 for variable bitrates; off "
+        "here: it cost reconstruction on the demo, see the README).", 0.0)
     dead_code_steps: Optional[int] = _choice(
         "Re-seed a code unused for this many optimizer steps (0 disables; default: the updates in which each code "
         "of the coarsest level would be drawn twice if all were used equally).", None)
