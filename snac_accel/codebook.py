@@ -178,9 +178,9 @@ def seed_codebooks(model: Any, audio: Iterable[torch.Tensor], method: str = "kme
 def default_dead_code_steps(codebook_size: int, frames_per_update: int) -> int:
     """Updates in which each code of the coarsest level would be drawn twice if all were used equally.
 
-    A fixed count misjudges codebooks: 10 updates fit `tiny` (256 codes, about 47 coarse frames per
-    update on the demo batch, measured best of 10 and 50 with `benchmarks/quality.py`), but a 4096-code
-    level seeing 150 frames per update would restart healthy codes that were merely not drawn yet.
+    A fixed count misjudges codebooks: 10 updates fit `tiny` on the demo batch (256 codes, 44 coarse
+    frames per update; 50 lost codes, see `benchmarks/quality.py`), but a 4096-code level seeing 144
+    frames per update would have healthy codes restarted that merely were not drawn yet.
     """
     return max(1, math.ceil(2 * codebook_size / max(1, frames_per_update)))
 

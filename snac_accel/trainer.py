@@ -192,7 +192,11 @@ class SnacTrainer:
             clips = data_lib.seeding_excerpts(self.data, total, config.seed)
             batches = [torch.stack(clips[i:i + SEEDING_BATCH]).to(acc.device)
                        for i in range(0, len(clips), SEEDING_BATCH)]
-            record = [{**seed_codebooks(generator, batches, method, seed=config.seed), "clips": len(clips)}]
+            if clips:
+                record = [{**seed_codebooks(generator, batches, method, seed=config.seed), "clips": len(clips)}]
+            else:
+                logger.warning("no usable training excerpt to seed the codebooks from: they start as initialised")
+                record = [{"method": "none", "vectors": [], "clips": 0}]
         if acc.num_processes > 1:
             for vq in generator.quantizer.quantizers:
                 vq.codebook.weight.data.copy_(broadcast(vq.codebook.weight.data.clone(), from_process=0))

@@ -120,4 +120,3 @@ def seeding_excerpts(data: TrainingData, count: int, seed: int) -> list[torch.Te
         if not found:  # not one usable clip in a whole pass: training reports the source itself
             return found
     return found
-    return found
