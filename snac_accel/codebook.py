@@ -209,6 +209,10 @@ class DeadCodeRestarter:
         """Record the codes used by one micro-batch; ``counts`` must already be summed across processes."""
         self.used |= counts.detach().cpu() > 0
 
+    def forget_window(self) -> None:
+        """Drop the codes observed since the last update: that update was skipped (non-finite)."""
+        self.used.zero_()
+
     def generator(self, step: int, level: int) -> torch.Generator:
         """The same CPU generator on every process for this (seed, step, level)."""
         return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1009 + level)

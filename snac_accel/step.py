@@ -144,9 +144,12 @@ class GanStep:
             if sync:
                 outcomes["generator"] = self._update("generator", self.generator, self.opt_g, loss_g,
                                                      config.max_grad_norm, logs)
-            if sync and self.restarter is not None and outcomes["generator"] == STEPPED:
-                logs.update(self.restarter.step(self.unwrapped_generator, out.latents, self.state.step,
-                                                gather=acc.gather, optimizer=self.opt_g))
+            if sync and self.restarter is not None:
+                if outcomes["generator"] == STEPPED:
+                    logs.update(self.restarter.step(self.unwrapped_generator, out.latents, self.state.step,
+                                                    gather=acc.gather, optimizer=self.opt_g))
+                else:  # a skipped update neither ages codes nor counts as their use
+                    self.restarter.forget_window()
 
         logs.update({"loss/generator": loss_g.detach(), "loss/mel": mel.detach(),
                      "loss/commitment": out.commitment_loss.detach(), "loss/codebook": out.codebook_loss.detach()})
