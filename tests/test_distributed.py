@@ -474,7 +474,9 @@ def test_two_rank_streaming_resume_matches_a_straight_run(tmp_path):
     launch(tmp_path / "cut", 2)
     log = launch(tmp_path / "cut", 4, resume_from_checkpoint="latest")
     assert "at step 2 " in log
+    # Equal up to float rounding: observed one Snake alpha 6e-8 apart (an ulp; single-process resumes
+    # are bit-identical). One batch read out of turn moves weights by about lr = 1e-3.
     for name in ("model.safetensors", "model_1.safetensors"):
         a = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint_4" / name)
         b = load_file(tmp_path / "cut" / "checkpoints" / "checkpoint_4" / name)
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, name
