@@ -197,6 +197,11 @@ class TrainConfig:
     mixed_precision: Optional[str] = _choice("Mixed precision (default: accelerate's config).", None,
                                              ["no", "fp16", "bf16"])
     allow_tf32: bool = _choice("Allow TF32 matmuls on Ampere or newer GPUs.", False)
+    torch_compile: bool = _choice(
+        "Compile the generator and the discriminators with torch.compile (first steps slower, later ones faster; "
+        "checkpoints and exports unchanged).", False)
+    torch_compile_mode: str = _choice("torch.compile mode with --torch_compile.", "default",
+                                      ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
 
     # Observability, checkpoints, validation
     log_level: str = _choice("Log level; debug also shows accelerate's line per checkpoint file.", "info",

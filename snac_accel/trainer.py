@@ -28,6 +28,7 @@ from . import data as data_lib
 from .card import describe_training_data
 from .checkpoints import MODELS, TrainState, resolve_resume_path
 from .codebook import DeadCodeRestarter, seed_codebooks
+from .compile import compile_models, eager
 from .config import ConfigError, TrainConfig
 from .discriminators import Discriminator
 from .export import export_folder
@@ -96,6 +97,8 @@ class SnacTrainer:
                                      use_buffers=True)
             acc.register_for_checkpointing(self.ema)
         acc.register_for_checkpointing(self.sched_g, self.sched_d, self.state)
+        if config.torch_compile:  # after prepare and after the EMA's copy (`snac_accel.compile`)
+            compile_models([self.unwrapped_generator, acc.unwrap_model(self.discriminator)], config.torch_compile_mode)
         self.restarter = None
         if config.dead_code_steps > 0:  # registered last: the other objects keep their checkpoint indices
             g = self.unwrapped_generator
@@ -239,7 +242,10 @@ class SnacTrainer:
 
     def validate(self) -> dict[str, float]:
         """Metrics on the fixed validation clips, with the EMA weights when EMA is on (`Validator`)."""
-        return {} if self.validator is None else self.validator(self.export_model, self.state.step)
+        if self.validator is None:
+            return {}
+        with eager():  # eval mode and the validation clips' length would compile graphs of their own
+            return self.validator(self.export_model, self.state.step)
 
     def _validate_and_keep_best(self) -> None:
         metrics = self.validate()
@@ -296,7 +302,8 @@ class SnacTrainer:
             info = dict(steps=self.state.step, metrics=metrics, datasets=datasets, training_data=words,
                         base_model=config.init_from, repo_id=config.hub_model_id, name=Path(config.output_dir).name)
             example = self.val_batch[:1].float().cpu() if self.val_batch is not None else None
-            export_folder(self.export_model, folder, info, example_audio=example)
+            with eager():
+                export_folder(self.export_model, folder, info, example_audio=example)
         self.accelerator.wait_for_everyone()
         return folder
 

@@ -1,0 +1,40 @@
+"""``--torch_compile``: the generator and the discriminators compiled in place, everything beside them eager.
+
+`nn.Module.compile` compiles a module's ``__call__`` and leaves the module itself alone: no
+``_orig_mod.`` wrapper, so state dicts, checkpoints, `accelerator.unwrap_model` and the exported
+`snac.SNAC` weights are the same as in an eager run. (accelerate's dynamo plugin wraps the models in
+``OptimizedModule``, whose state-dict keys carry ``_orig_mod.``: checkpoints would no longer match
+an eager run's.) Only calls of the compiled modules themselves go through the compiler; the codebook
+seeding and the dead-code restarts reach submodules (``model.encoder``, the quantizer's weights) and
+stay eager. Validation and exports run under `eager` so that eval mode and the validation clips'
+length do not compile graphs that training never uses.
+
+Shapes: training batches have one shape (the sampler drops the epoch's last partial batch), so after
+the first updates nothing recompiles. A batch made smaller by skipped broken files compiles once more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+# Compiled graphs per code object: every nn.Module.compile shares nn.Module._call_impl's, and the
+# discriminator alone needs three (its own step, the generator's pass, the no-grad real pass).
+RECOMPILE_LIMIT = 32
+
+
+def compile_models(modules: Sequence[torch.nn.Module], mode: str = "default") -> None:
+    """Compile each module in place (after `accelerator.prepare` and after the EMA copy is taken:
+    a deep copy of a compiled module would call the original's forward)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for module in modules:
+        module.compile(mode=mode)
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Compiled modules run their plain forward inside this block (no compile, no recompile)."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
