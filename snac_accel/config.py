@@ -197,6 +197,9 @@ class TrainConfig:
     mixed_precision: Optional[str] = _choice("Mixed precision (default: accelerate's config).", None,
                                              ["no", "fp16", "bf16"])
     allow_tf32: bool = _choice("Allow TF32 matmuls on Ampere or newer GPUs.", False)
+    mel_backward: str = _choice(
+        "Gradient of the mel loss: hand_written (measured faster on CPU) or torch autograd.", "hand_written",
+        ["hand_written", "autograd"])
     torch_compile: bool = _choice(
         "Compile the generator and the discriminators with torch.compile (first steps slower, later ones faster; "
         "checkpoints and exports unchanged).", False)

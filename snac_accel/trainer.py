@@ -109,7 +109,8 @@ class SnacTrainer:
         if acc.mixed_precision == "fp16":  # registered after the others, as the restarter
             self.scalers = {name: torch.amp.GradScaler(acc.device.type) for name in MODELS}
             acc.register_for_checkpointing(*self.scalers.values())
-        self.mel_loss = MultiScaleMelLoss(config.sampling_rate).to(acc.device)
+        self.mel_loss = MultiScaleMelLoss(config.sampling_rate,
+                                          hand_written_backward=config.mel_backward == "hand_written").to(acc.device)
         self.disc_loss, self.adv_loss = DiscriminatorLoss(), GeneratorAdversarialLoss()
         self.fm_loss = FeatureMatchingLoss()
         self.gan = GanStep(config, acc, self.state, self.generator, self.discriminator, self.opt_g, self.opt_d,
