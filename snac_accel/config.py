@@ -203,8 +203,11 @@ class TrainConfig:
     torch_compile: bool = _choice(
         "Compile the generator and the discriminators with torch.compile (first steps slower, later ones faster; "
         "checkpoints and exports unchanged).", False)
-    torch_compile_mode: str = _choice("torch.compile mode with --torch_compile.", "default",
+    torch_compile_mode: str = _choice("torch.compile mode with --torch_compile (inductor's modes).", "default",
                                       ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    torch_compile_backend: str = _choice(
+        "torch.compile backend with --torch_compile: inductor, or e.g. aot_eager (traces, generates no code).",
+        "inductor")
 
     # Observability, checkpoints, validation
     log_level: str = _choice("Log level; debug also shows accelerate's line per checkpoint file.", "info",
@@ -320,6 +323,9 @@ class TrainConfig:
             errors.append("--quantizer_dropout must lie in [0, 1]")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             errors.append("--ema_decay must lie in (0, 1)")
+        if self.torch_compile and self.torch_compile_backend not in _compile_backends():
+            errors.append(f"--torch_compile_backend {self.torch_compile_backend} is not one of "
+                          f"{', '.join(_compile_backends())}")
         if self.report_to not in ("tensorboard", "wandb", "trackio", "all", "none"):
             errors.append(f"--report_to {self.report_to} is not one of tensorboard, wandb, trackio, all, none")
         if self.push_to_hub and not self.hub_model_id:
@@ -345,6 +351,12 @@ class TrainConfig:
     def save(self, path: str | os.PathLike) -> None:
         """Write the effective config (never the token) so a run can be repeated with --config."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _compile_backends() -> list[str]:
+    import torch._dynamo
+
+    return torch._dynamo.list_backends(exclude_tags=())
 
 
 class ConfigError(ValueError):
