@@ -19,6 +19,10 @@ import contextlib
 from typing import Iterator, Sequence
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DynamoBackend
+
+from .config import ConfigError
 
 # Compiled graphs per code object: every nn.Module.compile shares nn.Module._call_impl's, and the
 # discriminator alone needs three (its own step, the generator's pass, the no-grad real pass).
@@ -31,6 +35,14 @@ def compile_models(modules: Sequence[torch.nn.Module], mode: str = "default", ba
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for module in modules:
         module.compile(mode=mode if backend == "inductor" else None, backend=backend)
+
+
+def refuse_accelerate_dynamo(accelerator: Accelerator) -> None:
+    """accelerate's dynamo_backend (accelerate config, ACCELERATE_DYNAMO_BACKEND) would wrap the models."""
+    backend = accelerator.state.dynamo_plugin.backend
+    if backend != DynamoBackend.NO:
+        raise ConfigError(f"the accelerate config sets dynamo_backend {backend.value}: its wrapper renames every "
+                          "checkpoint and export key (_orig_mod.); set dynamo_backend to NO and use --torch_compile")
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from . import data as data_lib
 from .card import describe_training_data
 from .checkpoints import MODELS, TrainState, resolve_resume_path
 from .codebook import DeadCodeRestarter, seed_codebooks
-from .compile import compile_models, eager
+from .compile import compile_models, eager, refuse_accelerate_dynamo
 from .config import ConfigError, TrainConfig
 from .discriminators import Discriminator
 from .export import export_folder
@@ -126,7 +126,9 @@ class SnacTrainer:
     # ------------------------------------------------------------------ building
 
     def _check_launch(self) -> None:
-        """Refuse `--multi_gpu` without CUDA or ACCELERATE_USE_CPU: it starts unsynchronised copies."""
+        """Refuse `--multi_gpu` without CUDA or ACCELERATE_USE_CPU (it starts unsynchronised copies), and
+        accelerate's dynamo_backend."""
+        refuse_accelerate_dynamo(self.accelerator)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != self.accelerator.num_processes:
             raise ConfigError(

@@ -62,3 +62,10 @@ def test_compiled_run_resumes_bit_identically_and_exports_plain_snac_weights(tmp
 def test_bad_compile_options_are_refused(demo_dir, args, message):
     with pytest.raises(ConfigError, match=message):
         parse_args(["--train_data_dir", str(demo_dir / "train"), "--report_to", "none", *args])
+
+
+def test_accelerate_dynamo_backend_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    with pytest.raises(ConfigError, match="dynamo_backend INDUCTOR: its wrapper renames"):
+        SnacTrainer(tiny_config(tmp_path))
+    assert not (tmp_path / "run.lock").exists()
