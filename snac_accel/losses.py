@@ -163,7 +163,8 @@ class MultiScaleMelLoss(nn.Module):
             real = real.detach().float().reshape(-1, real.shape[-1])
             loss = fake.new_zeros(())
             for scale, window_length in enumerate(self.window_lengths):
-                window, fbank, hop = getattr(self, f"window_{scale}"), getattr(self, f"fbank_{scale}"), window_length // 4
+                window, fbank = getattr(self, f"window_{scale}"), getattr(self, f"fbank_{scale}")
+                hop = window_length // 4
                 if self.hand_written_backward:
                     loss = loss + _LogMelL1.apply(fake, real, window, fbank, getattr(self, f"fbank_adjoint_{scale}"),
                                                   hop, self.clamp_eps)
