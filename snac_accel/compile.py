@@ -30,8 +30,8 @@ RECOMPILE_LIMIT = 32
 
 
 def compile_models(modules: Sequence[torch.nn.Module], mode: str = "default", backend: str = "inductor") -> None:
-    """Compile each module in place (after `accelerator.prepare` and after the EMA copy is taken:
-    a deep copy of a compiled module would call the original's forward)."""
+    """Compile each module in place, after `accelerator.prepare` (DDP calls the compiled module).
+    A copy drops the compilation (`nn.Module.__getstate__`): the EMA's copy runs eagerly."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for module in modules:
         module.compile(mode=mode if backend == "inductor" else None, backend=backend)

@@ -97,7 +97,7 @@ class SnacTrainer:
                                      use_buffers=True)
             acc.register_for_checkpointing(self.ema)
         acc.register_for_checkpointing(self.sched_g, self.sched_d, self.state)
-        if config.torch_compile:  # after prepare and after the EMA's copy (`snac_accel.compile`)
+        if config.torch_compile:  # after prepare (`snac_accel.compile`)
             compile_models([self.unwrapped_generator, acc.unwrap_model(self.discriminator)], config.torch_compile_mode,
                            config.torch_compile_backend)
         self.restarter = None
