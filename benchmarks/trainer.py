@@ -74,15 +74,24 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def compare_compiled(trainer: SnacTrainer, run_trainer, args: argparse.Namespace, device: torch.device) -> int:
     """Eager rounds and compiled rounds of the trainer's step, alternating; returns the steps taken."""
     with eager():
         run_trainer()  # warm-up (allocator)
+        reset_peak(device)
         t_eager_first = timed(run_trainer, 1, device)
+        peak_eager = peak_memory_gb(device)
     models = [trainer.unwrapped_generator, trainer.accelerator.unwrap_model(trainer.discriminator)]
     compile_models(models, args.compile_mode)
     t_first = timed(run_trainer, 1, device)
+    reset_peak(device)
     t_second = timed(run_trainer, 1, device)  # a graph first needed at the second step would show here
+    peak_compiled = peak_memory_gb(device)
     eager_times, compiled_times = [], []
     for _ in range(args.rounds):
         with eager():
@@ -95,6 +104,8 @@ def compare_compiled(trainer: SnacTrainer, run_trainer, args: argparse.Namespace
     print(f"eager step:    {t_eager * 1000:8.1f} ms  ({seconds / t_eager:.2f} audio s/s)")
     print(f"compiled step: {t_compiled * 1000:8.1f} ms  ({seconds / t_compiled:.2f} audio s/s)")
     print(f"speed-up eager/compiled: {t_eager / t_compiled:.3f}x")
+    if device.type == "cuda":  # a process's peak resident set cannot be reset on the CPU
+        print(f"peak memory of a step: eager {peak_eager:.2f} GiB, compiled {peak_compiled:.2f} GiB")
     return 4 + 2 * args.rounds * args.steps
 
 
