@@ -106,8 +106,10 @@ def fits(trainer: SnacTrainer, batch: int) -> bool:
         trainer.train_step(synthetic_batch(batch, config.segment_samples, config.sampling_rate, device, batch))
         sync(device)
         return True
-    except torch.OutOfMemoryError:
-        return False
+    except RuntimeError as err:  # torch.OutOfMemoryError, or cuFFT/cuDNN failing to allocate their workspace
+        if isinstance(err, torch.OutOfMemoryError) or "ALLOC_FAILED" in str(err) or "out of memory" in str(err):
+            return False
+        raise
     finally:
         trainer.opt_g.zero_grad(set_to_none=True)
         trainer.opt_d.zero_grad(set_to_none=True)

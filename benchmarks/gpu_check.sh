@@ -27,16 +27,23 @@ if ! "$PY" -c "from torchcodec.decoders import AudioDecoder as D; D('snac_accel/
     exit 1
 fi
 
+failed=0
 section() { echo; echo "== $1 ($(date -u +%H:%M:%S))"; }
+run() {  # a part's output without Python's warnings; a failing part is named and the next one runs
+    "$PY" "$@" 2>&1 | grep -v -i "warn"
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" != 0 ]; then echo "gpu_check: '$*' failed (exit $rc)"; failed=1; fi
+}
 "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, \
 torch {torch.__version__}, CUDA {torch.version.cuda}')"
 section "1. precision: bf16 and fp16, snac_24khz, batch 8 x 0.8 s, accumulation 2"
-"$PY" benchmarks/gpu_check.py precision 2>&1 | grep -v -i "warn"
+run benchmarks/gpu_check.py precision
 section "2. mel loss on CUDA, batch 16 x 1 s: hand-written backward vs torch autograd"
-"$PY" benchmarks/losses.py --device cuda --batch 16 --repeats 20 2>&1 | grep -v -i "warn"
+run benchmarks/losses.py --device cuda --batch 16 --repeats 20
 section "3. largest batch of 0.8 s clips, snac_24khz, bf16, eager"
-"$PY" benchmarks/gpu_check.py max_batch 2>&1 | grep -v -i "warn"
+run benchmarks/gpu_check.py max_batch
 section "4. eager vs --torch_compile, snac_24khz, bf16, batch 16 x 0.8 s"
-"$PY" benchmarks/trainer.py --compile --preset snac_24khz --batch 16 --seconds 0.8 --mixed_precision bf16 \
-    --rounds 3 --steps 3 --long 0 2>&1 | grep -v -i "warn"
+run benchmarks/trainer.py --compile --preset snac_24khz --batch 16 --seconds 0.8 --mixed_precision bf16 \
+    --rounds 3 --steps 3 --long 0
 section "done"
+exit "$failed"
