@@ -3,7 +3,7 @@
 #   1. bf16 and fp16 runs of snac_24khz with accumulation 2: updates skipped, loss scales, finite losses
 #   2. the mel loss on CUDA: hand-written backward vs torch autograd (and torchaudio per scale)
 #   3. the largest batch of 0.8 s clips that fits (bf16, eager)
-#   4. eager vs --torch_compile: audio seconds per second, compile time, peak memory (bf16)
+#   4. eager vs --torch_compile: audio seconds per second, compile time, peak memory (bf16); 5. the generator alone
 # Usage, from anywhere:  bash benchmarks/gpu_check.sh      (PYTHON=/path/to/python to pick the interpreter)
 # Without a CUDA GPU it says so in one line and exits 0. Figures go to the README's Benchmarks section.
 set -uo pipefail
@@ -15,15 +15,17 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     echo "gpu_check: no CUDA GPU visible to $PY (torch missing or torch.cuda.is_available() false): nothing to measure"
     exit 0
 fi
-missing=$("$PY" -c "import importlib.util as u; print(' '.join(m for m in ('snac', 'accelerate', 'transformers', \
-'datasets', 'torchaudio', 'torchcodec', 'safetensors', 'torchmetrics', 'matplotlib', 'yaml') if u.find_spec(m) is None))")
+missing=$("$PY" -c "import importlib.util as u; print(' '.join(m for m in ('snac', 'accelerate', \
+'transformers', 'datasets', 'torchaudio', 'torchcodec', 'safetensors', 'torchmetrics', 'matplotlib', 'yaml') \
+if u.find_spec(m) is None))")
 if [ -n "$missing" ]; then
     echo "gpu_check: missing Python packages: $missing; install the project first: $PY -m pip install -e $PWD"
     exit 1
 fi
-if ! "$PY" -c "from torchcodec.decoders import AudioDecoder as D; D('snac_accel/demo_data/train/clip_000.flac').get_all_samples()" \
-        >/dev/null 2>&1; then
-    echo "gpu_check: torchcodec cannot decode the demo FLAC files (FFmpeg shared libraries missing?): apt-get install ffmpeg"
+clip=snac_accel/demo_data/train/clip_000.flac
+if ! "$PY" -c "from torchcodec.decoders import AudioDecoder; AudioDecoder('$clip').get_all_samples()" >/dev/null 2>&1
+then
+    echo "gpu_check: torchcodec cannot decode $clip (FFmpeg shared libraries missing?): apt-get install ffmpeg"
     exit 1
 fi
 
@@ -45,5 +47,8 @@ run benchmarks/gpu_check.py max_batch
 section "4. eager vs --torch_compile, snac_24khz, bf16, batch 16 x 0.8 s"
 run benchmarks/trainer.py --compile --preset snac_24khz --batch 16 --seconds 0.8 --mixed_precision bf16 \
     --rounds 3 --steps 3 --long 0
+section "5. the same, the generator alone compiled (its graphs come from inductor's cache)"
+run benchmarks/trainer.py --compile --compile_models generator --preset snac_24khz --batch 16 --seconds 0.8 \
+    --mixed_precision bf16 --rounds 3 --steps 3 --long 0
 section "done"
 exit "$failed"

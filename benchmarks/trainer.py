@@ -100,7 +100,8 @@ def compare_compiled(trainer: SnacTrainer, run_trainer, args: argparse.Namespace
         compiled_times.append(timed(run_trainer, args.steps, device))
     t_eager, t_compiled = statistics.median(eager_times), statistics.median(compiled_times)
     seconds = args.batch * args.seconds
-    print(f"compile ({args.compile_models}, mode {args.compile_mode}): first compiled step {t_first:.1f} s, compile time "
+    print(f"compile ({args.compile_models}, mode {args.compile_mode}): first compiled step {t_first:.1f} s, "
+          f"compile time "
           f"{t_first - t_eager_first:.1f} s; second compiled step {t_second * 1000:.1f} ms")
     print(f"eager step:    {t_eager * 1000:8.1f} ms  ({seconds / t_eager:.2f} audio s/s)")
     print(f"compiled step: {t_compiled * 1000:8.1f} ms  ({seconds / t_compiled:.2f} audio s/s)")

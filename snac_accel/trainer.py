@@ -98,8 +98,9 @@ class SnacTrainer:
             acc.register_for_checkpointing(self.ema)
         acc.register_for_checkpointing(self.sched_g, self.sched_d, self.state)
         if config.torch_compile:  # after prepare (`snac_accel.compile`)
-            compile_models([self.unwrapped_generator, acc.unwrap_model(self.discriminator)], config.torch_compile_mode,
-                           config.torch_compile_backend)
+            parts = {"generator": self.unwrapped_generator, "discriminator": acc.unwrap_model(self.discriminator)}
+            compile_models([parts[p.strip()] for p in config.torch_compile_models.split(",") if p.strip()],
+                           config.torch_compile_mode, config.torch_compile_backend)
         self.restarter = None
         if config.dead_code_steps > 0:  # registered last: the other objects keep their checkpoint indices
             g = self.unwrapped_generator

@@ -69,6 +69,7 @@ def test_compiled_run_resumes_bit_identically_and_exports_plain_snac_weights(tmp
 @pytest.mark.parametrize("args,message", [
     (["--torch_compile", "--torch_compile_backend", "nope"], "--torch_compile_backend nope is not one of"),
     (["--torch_compile", "--torch_compile_mode", "fastest"], "invalid choice"),
+    (["--torch_compile", "--torch_compile_models", "generator,critic"], "--torch_compile_models generator,critic:"),
 ])
 def test_bad_compile_options_are_refused(demo_dir, args, message):
     with pytest.raises(ConfigError, match=message):
