@@ -24,8 +24,9 @@ from accelerate.utils import DynamoBackend
 
 from .config import ConfigError
 
-# Compiled graphs per code object: every nn.Module.compile shares nn.Module._call_impl's, and the
-# discriminator alone needs three (its own step, the generator's pass, the no-grad real pass).
+# Compiled graphs kept per forward's code object (torch's default: 8). The discriminator needs three
+# per trainer (its own step, the generator's pass, the no-grad pass on real audio), and every
+# trainer of a process (tests, notebooks) adds its own: past the limit dynamo runs it eagerly.
 RECOMPILE_LIMIT = 32
 
 
