@@ -1,7 +1,9 @@
 """Time MultiScaleMelLoss against a plain per-scale torchaudio reference, forward and backward.
 
-Run `python benchmarks/losses.py`: a batch of 8 one-second clips at 24 kHz, both losses timed over
-the same repetitions in one run, the ratio printed (the project's target is at least 1.5).
+Run `python benchmarks/losses.py [--device cuda]`: a batch of 8 one-second clips at 24 kHz, the
+losses timed over the same repetitions in one run, the ratios printed (the project's target is at
+least 1.5). Three contenders: the torchaudio reference, MultiScaleMelLoss with its hand-written
+backward, and the same forward differentiated by torch autograd (``--mel_backward autograd``).
 """
 
 from __future__ import annotations
@@ -69,11 +71,12 @@ def main() -> None:
     real = 0.1 * torch.randn(args.batch, 1, length, device=args.device)
     fake = (real + 0.05 * torch.randn_like(real)).requires_grad_(True)
     ours = MultiScaleMelLoss(args.sample_rate).to(args.device)
+    autograd = MultiScaleMelLoss(args.sample_rate, hand_written_backward=False).to(args.device)
     reference = ReferenceMelLoss(args.sample_rate).to(args.device)
 
     with torch.no_grad():
         a, b = ours(fake, real).item(), reference(fake, real).item()
-    losses = {"reference": reference, "ours": ours}
+    losses = {"reference": reference, "autograd": autograd, "ours": ours}
     time_forward_backward(losses, fake, real, 2)  # warm-up: allocator, FFT plans
     times = time_forward_backward(losses, fake, real, args.repeats)
     for name, values in times.items():
@@ -82,9 +85,10 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
     print(f"loss: ours {a:.6f}  reference {b:.6f}  relative difference {abs(a - b) / abs(b):.2e}")
     for label, pick in (("min", 0), ("median", args.repeats // 2)):
-        t_ref, t_ours = times["reference"][pick], times["ours"][pick]
+        t_ref, t_auto, t_ours = (times[name][pick] for name in ("reference", "autograd", "ours"))
         print(f"{label:>6}: reference (torchaudio per scale) {t_ref * 1e3:8.2f} ms, MultiScaleMelLoss "
-              f"{t_ours * 1e3:8.2f} ms forward+backward, speed-up {t_ref / t_ours:.2f}x")
+              f"{t_ours * 1e3:8.2f} ms forward+backward, speed-up {t_ref / t_ours:.2f}x; same forward with "
+              f"torch autograd {t_auto * 1e3:8.2f} ms, hand-written backward {t_auto / t_ours:.2f}x faster")
     print("(on a machine shared with other jobs the minimum is the steadier estimate; --threads 1 avoids "
           "thread oversubscription)")
 

@@ -1,12 +1,18 @@
 """SnacTrainer's step against a bare PyTorch loop doing the same GAN step; memory growth over steps.
+With ``--compile``: the trainer's eager step against its ``--torch_compile`` step instead.
 
     python benchmarks/trainer.py [--preset tiny] [--batch 4] [--seconds 0.5] [--steps 10] [--long 200]
+    python benchmarks/trainer.py --compile [--preset snac_24khz] [--compile_mode default] [--long 0]
 
 Both sides use the same generator, discriminator, losses, AdamW settings and batch; the bare loop
 has no accelerate, no accumulation context, no non-finite guard and no schedulers. Rounds alternate
 between the two so that a busy machine slows both alike. Target: ratio <= 1.05. Memory: peak
 resident set (CPU) or peak allocated (GPU) after 20 and after ``--long`` trainer steps; target
 growth < 5%.
+
+``--compile`` compiles the trainer's own models in place (`snac_accel.compile`), as
+``--torch_compile`` does; its eager rounds run the same modules under ``torch.compiler.set_stance
+("force_eager")``. The first compiled step's time less an eager step's is printed as compile time.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from snac_accel.compile import compile_models, eager  # noqa: E402
 from snac_accel.config import TrainConfig  # noqa: E402
 from snac_accel.progress import peak_memory_gb  # noqa: E402
 from snac_accel.trainer import SnacTrainer  # noqa: E402
@@ -67,6 +74,43 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def compare_compiled(trainer: SnacTrainer, run_trainer, args: argparse.Namespace, device: torch.device) -> int:
+    """Eager rounds and compiled rounds of the trainer's step, alternating; returns the steps taken."""
+    with eager():
+        run_trainer()  # warm-up (allocator)
+        reset_peak(device)
+        t_eager_first = timed(run_trainer, 1, device)
+        peak_eager = peak_memory_gb(device)
+    parts = {"generator": trainer.unwrapped_generator,
+             "discriminator": trainer.accelerator.unwrap_model(trainer.discriminator)}
+    compile_models([parts[name] for name in args.compile_models.split(",")], args.compile_mode)
+    t_first = timed(run_trainer, 1, device)
+    reset_peak(device)
+    t_second = timed(run_trainer, 1, device)  # a graph first needed at the second step would show here
+    peak_compiled = peak_memory_gb(device)
+    eager_times, compiled_times = [], []
+    for _ in range(args.rounds):
+        with eager():
+            eager_times.append(timed(run_trainer, args.steps, device))
+        compiled_times.append(timed(run_trainer, args.steps, device))
+    t_eager, t_compiled = statistics.median(eager_times), statistics.median(compiled_times)
+    seconds = args.batch * args.seconds
+    print(f"compile ({args.compile_models}, mode {args.compile_mode}): first compiled step {t_first:.1f} s, "
+          f"compile time "
+          f"{t_first - t_eager_first:.1f} s; second compiled step {t_second * 1000:.1f} ms")
+    print(f"eager step:    {t_eager * 1000:8.1f} ms  ({seconds / t_eager:.2f} audio s/s)")
+    print(f"compiled step: {t_compiled * 1000:8.1f} ms  ({seconds / t_compiled:.2f} audio s/s)")
+    print(f"speed-up eager/compiled: {t_eager / t_compiled:.3f}x")
+    if device.type == "cuda":  # a process's peak resident set cannot be reset on the CPU
+        print(f"peak memory of a step: eager {peak_eager:.2f} GiB, compiled {peak_compiled:.2f} GiB")
+    return 4 + 2 * args.rounds * args.steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
@@ -76,6 +120,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--long", type=int, default=200, help="trainer steps for the memory check")
     parser.add_argument("--mixed_precision", default="no")
+    parser.add_argument("--compile", action="store_true", help="eager vs --torch_compile instead of bare vs trainer")
+    parser.add_argument("--compile_mode", default="default")
+    parser.add_argument("--compile_models", default="generator,discriminator",
+                        help="what --compile compiles: generator, discriminator or both (comma-separated)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
 
@@ -101,19 +149,23 @@ def main() -> None:
         def run_trainer():
             trainer.train_step(real)
 
-        run_bare(), run_trainer()  # warm-up (allocator, autotuning)
-        bare, ours = [], []
-        for _ in range(args.rounds):
-            bare.append(timed(run_bare, args.steps, device))
-            ours.append(timed(run_trainer, args.steps, device))
-        t_bare, t_ours = statistics.median(bare), statistics.median(ours)
         print(f"device: {device}, preset {args.preset}, batch {args.batch} x {args.seconds} s, "
-              f"{args.rounds} rounds of {args.steps} steps (median)")
-        print(f"bare PyTorch step: {t_bare * 1000:8.1f} ms")
-        print(f"SnacTrainer step:  {t_ours * 1000:8.1f} ms")
-        print(f"ratio trainer/bare: {t_ours / t_bare:.3f}  (target <= 1.05)")
-
-        done = 1 + args.rounds * args.steps
+              f"{torch.get_num_threads()} threads, {args.rounds} rounds of {args.steps} steps (median)")
+        if args.compile:
+            done = compare_compiled(trainer, run_trainer, args, device)
+        else:
+            run_bare(), run_trainer()  # warm-up (allocator, autotuning)
+            bare, ours = [], []
+            for _ in range(args.rounds):
+                bare.append(timed(run_bare, args.steps, device))
+                ours.append(timed(run_trainer, args.steps, device))
+            t_bare, t_ours = statistics.median(bare), statistics.median(ours)
+            print(f"bare PyTorch step: {t_bare * 1000:8.1f} ms")
+            print(f"SnacTrainer step:  {t_ours * 1000:8.1f} ms")
+            print(f"ratio trainer/bare: {t_ours / t_bare:.3f}  (target <= 1.05)")
+            done = 1 + args.rounds * args.steps
+        if args.long <= 0:
+            return
         for _ in range(max(0, 20 - done)):
             run_trainer()
         at_20 = peak_memory_gb(device)

@@ -25,6 +25,8 @@ from accelerate.logging import get_logger
 logger = get_logger(__name__)
 
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
+# Excerpts per encoder pass while seeding the codebooks (`seed_from_clips`).
+SEEDING_BATCH = 8
 COLLAPSE_USAGE = 0.10  # below this share of its codebook on validation clips a level is called collapsed
 SEED_METHODS = ("kmeans", "sample", "none")
 
@@ -170,6 +172,20 @@ def seed_codebooks(model: Any, audio: Iterable[torch.Tensor], method: str = "kme
     logger.info(f"codebooks seeded ({method}) from {record['vectors']} encoder vectors per level",
                 main_process_only=True)
     return record
+
+
+def seed_from_clips(model: Any, clips: Sequence[torch.Tensor], method: str, seed: int,
+                    device: torch.device | str = "cpu") -> dict[str, Any]:
+    """`seed_codebooks` on training excerpts [1, T], encoded ``SEEDING_BATCH`` at a time.
+
+    The batch is fixed, not the training batch, so the rows do not depend on it (float sums can
+    differ between batch sizes). Without any excerpt the codebooks stay as they are, with a warning.
+    """
+    if not clips:
+        logger.warning("no usable training excerpt to seed the codebooks from: they start as initialised")
+        return {"method": "none", "vectors": [], "clips": 0}
+    batches = [torch.stack(list(clips[i:i + SEEDING_BATCH])).to(device) for i in range(0, len(clips), SEEDING_BATCH)]
+    return {**seed_codebooks(model, batches, method, seed=seed), "clips": len(clips)}
 
 
 # ----------------------------------------------------------------------------- dead-code restarts

@@ -204,6 +204,20 @@ class TrainConfig:
     mixed_precision: Optional[str] = _choice("Mixed precision (default: accelerate's config).", None,
                                              ["no", "fp16", "bf16"])
     allow_tf32: bool = _choice("Allow TF32 matmuls on Ampere or newer GPUs.", False)
+    mel_backward: str = _choice(
+        "Gradient of the mel loss: hand_written (measured faster on CPU) or torch autograd.", "hand_written",
+        ["hand_written", "autograd"])
+    torch_compile: bool = _choice(
+        "Compile the generator and the discriminators with torch.compile (first steps slower, later ones faster; "
+        "checkpoints and exports unchanged).", False)
+    torch_compile_mode: str = _choice("torch.compile mode with --torch_compile (inductor's modes).", "default",
+                                      ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    torch_compile_models: str = _choice(
+        "What --torch_compile compiles: generator, discriminator, or both comma-separated (on a CPU the "
+        "full-size discriminator measured slower compiled).", "generator,discriminator")
+    torch_compile_backend: str = _choice(
+        "torch.compile backend with --torch_compile: inductor, or e.g. aot_eager (traces, generates no code).",
+        "inductor")
 
     # Observability, checkpoints, validation
     log_level: str = _choice("Log level; debug also shows accelerate's line per checkpoint file.", "info",
@@ -255,6 +269,12 @@ class TrainConfig:
         """The training excerpt in samples, rounded to the model's padding multiple."""
         multiple = self.pad_multiple
         return max(1, round(self.segment_seconds * self.sampling_rate / multiple)) * multiple
+
+    @property
+    def coarse_frames(self) -> int:
+        """Codes of the coarsest level in one training excerpt."""
+        model = self.model_config
+        return max(1, self.segment_samples // math.prod(model["encoder_rates"]) // model["vq_strides"][0])
 
     @property
     def discriminator_config(self) -> dict[str, Any]:
@@ -321,6 +341,13 @@ class TrainConfig:
             errors.append("--dead_code_steps must be 0 (off) or a number of optimizer steps")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             errors.append("--ema_decay must lie in (0, 1)")
+        compiled = [part.strip() for part in self.torch_compile_models.split(",") if part.strip()]
+        if not compiled or set(compiled) - {"generator", "discriminator"}:
+            errors.append(f"--torch_compile_models {self.torch_compile_models}: give generator, discriminator or "
+                          "generator,discriminator")
+        if self.torch_compile and self.torch_compile_backend not in _compile_backends():
+            errors.append(f"--torch_compile_backend {self.torch_compile_backend} is not one of "
+                          f"{', '.join(_compile_backends())}")
         if self.report_to not in ("tensorboard", "wandb", "trackio", "all", "none"):
             errors.append(f"--report_to {self.report_to} is not one of tensorboard, wandb, trackio, all, none")
         if self.push_to_hub and not self.hub_model_id:
@@ -346,6 +373,12 @@ class TrainConfig:
     def save(self, path: str | os.PathLike) -> None:
         """Write the effective config (never the token) so a run can be repeated with --config."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _compile_backends() -> list[str]:
+    import torch._dynamo
+
+    return torch._dynamo.list_backends(exclude_tags=())
 
 
 class ConfigError(ValueError):

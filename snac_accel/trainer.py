@@ -27,7 +27,8 @@ from . import checkpoints
 from . import data as data_lib
 from .card import describe_training_data
 from .checkpoints import MODELS, TrainState, resolve_resume_path
-from .codebook import DeadCodeRestarter, default_dead_code_steps, seed_codebooks
+from .codebook import DeadCodeRestarter, default_dead_code_steps, seed_from_clips
+from .compile import compile_models, eager, refuse_accelerate_dynamo
 from .config import ConfigError, TrainConfig
 from .discriminators import Discriminator
 from .export import export_folder
@@ -40,9 +41,6 @@ from .step import GanStep, build_optimizers, build_scheduler
 from .validation import Validator
 
 logger = get_logger(__name__)
-# Clips per encoder pass while seeding the codebooks: fixed, so the seeded rows do not depend on
-# the training batch size (float sums can differ between batch sizes).
-SEEDING_BATCH = 8
 
 
 class SnacTrainer:
@@ -99,21 +97,23 @@ class SnacTrainer:
                                      use_buffers=True)
             acc.register_for_checkpointing(self.ema)
         acc.register_for_checkpointing(self.sched_g, self.sched_d, self.state)
-        self.restarter = None
-        g = self.unwrapped_generator
-        frames = (config.segment_samples // int(g.hop_length) // g.vq_strides[0] * config.train_batch_size
-                  * config.gradient_accumulation_steps * acc.num_processes)
-        self.dead_code_steps = (default_dead_code_steps(g.codebook_size, frames) if config.dead_code_steps is None
+        if config.torch_compile:  # after prepare (`snac_accel.compile`)
+            parts = {"generator": self.unwrapped_generator, "discriminator": acc.unwrap_model(self.discriminator)}
+            compile_models([parts[p.strip()] for p in config.torch_compile_models.split(",") if p.strip()],
+                           config.torch_compile_mode, config.torch_compile_backend)
+        frames = config.coarse_frames * config.train_batch_size * config.gradient_accumulation_steps * acc.num_processes
+        self.dead_code_steps = (default_dead_code_steps(self.codebook_size, frames) if config.dead_code_steps is None
                                 else config.dead_code_steps)
-        if self.dead_code_steps > 0:  # registered last: the other objects keep their checkpoint indices
-            self.restarter = DeadCodeRestarter(len(g.vq_strides), g.codebook_size, self.dead_code_steps,
-                                               seed=config.seed)
+        self.restarter = DeadCodeRestarter(len(self.unwrapped_generator.vq_strides), self.codebook_size,
+                                           self.dead_code_steps, seed=config.seed) if self.dead_code_steps else None
+        if self.restarter is not None:  # registered last: the other objects keep their checkpoint indices
             acc.register_for_checkpointing(self.restarter)
         self.scalers: dict[str, torch.amp.GradScaler] = {}
         if acc.mixed_precision == "fp16":  # registered after the others, as the restarter
             self.scalers = {name: torch.amp.GradScaler(acc.device.type) for name in MODELS}
             acc.register_for_checkpointing(*self.scalers.values())
-        self.mel_loss = MultiScaleMelLoss(config.sampling_rate).to(acc.device)
+        self.mel_loss = MultiScaleMelLoss(config.sampling_rate,
+                                          hand_written_backward=config.mel_backward == "hand_written").to(acc.device)
         self.disc_loss, self.adv_loss = DiscriminatorLoss(), GeneratorAdversarialLoss()
         self.fm_loss = FeatureMatchingLoss()
         self.gan = GanStep(config, acc, self.state, self.generator, self.discriminator, self.opt_g, self.opt_d,
@@ -128,7 +128,9 @@ class SnacTrainer:
     # ------------------------------------------------------------------ building
 
     def _check_launch(self) -> None:
-        """Refuse `--multi_gpu` without CUDA or ACCELERATE_USE_CPU: it starts unsynchronised copies."""
+        """Refuse `--multi_gpu` without CUDA or ACCELERATE_USE_CPU (it starts unsynchronised copies), and
+        accelerate's dynamo_backend."""
+        refuse_accelerate_dynamo(self.accelerator)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != self.accelerator.num_processes:
             raise ConfigError(
@@ -185,18 +187,11 @@ class SnacTrainer:
         if method == "none" or self.state.step > 0 or "codebook_init" in self.state.extra:
             return
         generator = self.unwrapped_generator
-        frames = max(1, config.segment_samples // int(generator.hop_length) // generator.vq_strides[0])
-        total = config.codebook_init_clips or min(1024, math.ceil(2 * self.codebook_size / frames))
+        total = config.codebook_init_clips or min(1024, math.ceil(2 * self.codebook_size / config.coarse_frames))
         record: list[Optional[dict[str, Any]]] = [None]
         if acc.is_main_process:  # one process seeds, so the rows do not depend on how many there are
             clips = data_lib.seeding_excerpts(self.data, total, config.seed)
-            batches = [torch.stack(clips[i:i + SEEDING_BATCH]).to(acc.device)
-                       for i in range(0, len(clips), SEEDING_BATCH)]
-            if clips:
-                record = [{**seed_codebooks(generator, batches, method, seed=config.seed), "clips": len(clips)}]
-            else:
-                logger.warning("no usable training excerpt to seed the codebooks from: they start as initialised")
-                record = [{"method": "none", "vectors": [], "clips": 0}]
+            record = [seed_from_clips(generator, clips, method, config.seed, acc.device)]
         if acc.num_processes > 1:
             for vq in generator.quantizer.quantizers:
                 vq.codebook.weight.data.copy_(broadcast(vq.codebook.weight.data.clone(), from_process=0))
@@ -253,7 +248,10 @@ class SnacTrainer:
 
     def validate(self) -> dict[str, float]:
         """Metrics on the fixed validation clips, with the EMA weights when EMA is on (`Validator`)."""
-        return {} if self.validator is None else self.validator(self.export_model, self.state.step)
+        if self.validator is None:
+            return {}
+        with eager():  # eval mode and the validation clips' length would compile graphs of their own
+            return self.validator(self.export_model, self.state.step)
 
     def _validate_and_keep_best(self) -> None:
         metrics = self.validate()
@@ -310,7 +308,8 @@ class SnacTrainer:
             info = dict(steps=self.state.step, metrics=metrics, datasets=datasets, training_data=words,
                         base_model=config.init_from, repo_id=config.hub_model_id, name=Path(config.output_dir).name)
             example = self.val_batch[:1].float().cpu() if self.val_batch is not None else None
-            export_folder(self.export_model, folder, info, example_audio=example)
+            with eager():
+                export_folder(self.export_model, folder, info, example_audio=example)
         self.accelerator.wait_for_everyone()
         return folder
 
