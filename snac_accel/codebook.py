@@ -37,10 +37,14 @@ SEED_METHODS = ("kmeans", "sample", "none")
 def code_counts(codes: Sequence[torch.Tensor], codebook_size: int, reduce: Optional[TensorFn] = None) -> torch.Tensor:
     """How often each code occurs, [levels, codebook_size] float32.
 
-    ``reduce`` sums across processes (the trainer passes ``lambda t: accelerator.reduce(t, "sum")``);
-    one collective covers all levels.
+    A scatter into a fixed-size histogram, not `torch.bincount`, whose output size depends on the
+    data and so waits for the GPU. ``reduce`` sums across processes (the trainer passes
+    ``lambda t: accelerator.reduce(t, "sum")``); one collective covers all levels.
     """
-    counts = torch.stack([torch.bincount(c.flatten(), minlength=codebook_size) for c in codes]).float()
+    counts = torch.zeros(len(codes), codebook_size, device=codes[0].device)
+    for level, c in enumerate(codes):
+        flat = c.flatten()
+        counts[level].index_add_(0, flat, torch.ones_like(flat, dtype=counts.dtype))
     return reduce(counts) if reduce is not None else counts
 
 

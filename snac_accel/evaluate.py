@@ -33,7 +33,7 @@ from accelerate.logging import get_logger
 
 from . import data as data_lib
 from .card import codec_rates
-from .codebook import collapse_warnings
+from .codebook import code_counts, collapse_warnings, histogram_statistics
 from .hub import ensure_accelerate_state, load_codec
 from .losses import MultiScaleMelLoss, MultiScaleSTFTLoss, si_sdr
 
@@ -167,7 +167,7 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
     stft_loss = MultiScaleSTFTLoss().to(device)
     speech = _speech_metrics(speech_metrics)
     bad = data_lib.BadFileTracker(max_fraction=1.0)
-    counts = [torch.zeros(size, dtype=torch.long) for _ in strides]
+    counts = torch.zeros(len(strides), size, dtype=torch.float64)
     running, files, failures = _Running(), [], {}
     seconds_total = encode_seconds = decode_seconds = 0.0
     warmed_up = not timing
@@ -202,9 +202,9 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
         seconds_total += seconds
         encode_seconds += middle - start
         decode_seconds += end - middle
-        for level, (level_codes, stride) in enumerate(zip(codes, strides)):
-            frames = math.ceil(length / (hop * stride))  # the padding's tokens are not the file's
-            counts[level] += torch.bincount(level_codes[0, :frames].flatten().cpu(), minlength=size)
+        # the padding's tokens are not the file's
+        counts += code_counts([c[0, :math.ceil(length / (hop * stride))].cpu() for c, stride in zip(codes, strides)],
+                              size)
 
         row = {"name": name, "samples": length, "seconds": round(seconds, 4),
                **clip_metrics(fake, real, mel_loss, stft_loss, sample_rate, speech, failures)}
@@ -217,15 +217,14 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
         raise data_lib.DataError(f"no usable audio among the files evaluated ({bad.total} unusable, e.g. "
                                  + "; ".join(sorted(bad.seen)[:3]) + ")")
     rates = codec_rates(config)
+    stats = histogram_statistics(counts)
     levels = []
-    for level, (level_counts, stride, rate) in enumerate(zip(counts, strides, rates["tokens_per_second"])):
-        total = int(level_counts.sum())
-        p = level_counts[level_counts > 0].double() / max(total, 1)
-        entropy = float(-(p * p.log2()).sum()) + 0.0  # + 0.0: one used code gives 0, not -0
-        levels.append({"level": level, "stride": stride, "tokens_per_second": rate, "tokens": total,
-                       "used_codes": int((level_counts > 0).sum()), "usage": float((level_counts > 0).float().mean()),
+    for level, (stride, rate) in enumerate(zip(strides, rates["tokens_per_second"])):
+        entropy = float(stats["entropy_bits"][level]) + 0.0  # + 0.0: one used code gives 0, not -0
+        levels.append({"level": level, "stride": stride, "tokens_per_second": rate, "tokens": int(counts[level].sum()),
+                       "used_codes": int((counts[level] > 0).sum()), "usage": float(stats["usage"][level]),
                        "entropy_bits": entropy, "perplexity": 2 ** entropy,
-                       "efficiency": entropy / math.log2(size)})
+                       "efficiency": float(stats["efficiency"][level])})
     for line in collapse_warnings([lv["usage"] for lv in levels], size, f"these {len(files)} files"):
         logger.warning(line)
     entropy_bound = sum(lv["tokens_per_second"] * lv["entropy_bits"] for lv in levels)

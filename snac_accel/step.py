@@ -90,6 +90,7 @@ class GanStep:
     fm_loss: FeatureMatchingLoss
     codebook_size: int
     window_counts: Optional[torch.Tensor] = None  # code histogram since the last logging step
+    update_counts: Optional[torch.Tensor] = None  # this process's histogram of the open accumulation window
 
     @property
     def unwrapped_generator(self) -> SnacGenerator:
@@ -109,11 +110,13 @@ class GanStep:
             out = self.generator(real)
             fake = out.audio
             sync = acc.sync_gradients
-            # Summed over processes (one all-reduce), so every rank agrees on usage and dead codes.
-            counts = code_counts(out.codes, self.codebook_size, reduce=lambda t: acc.reduce(t, "sum"))
-            self.window_counts = counts if self.window_counts is None else self.window_counts + counts
-            if self.restarter is not None:
-                self.restarter.observe(counts)
+            counts = code_counts(out.codes, self.codebook_size)
+            self.update_counts = counts if self.update_counts is None else self.update_counts + counts
+            if sync:  # summed over processes once per update, so every rank agrees on usage and dead codes
+                counts, self.update_counts = acc.reduce(self.update_counts, "sum"), None
+                self.window_counts = counts if self.window_counts is None else self.window_counts + counts
+                if self.restarter is not None:
+                    self.restarter.observe(counts)
 
             if adversarial:
                 d_fake, d_real = self.discriminator(fake.detach()), self.discriminator(real)
