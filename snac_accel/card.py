@@ -27,7 +27,7 @@ from .codebook import COLLAPSE_USAGE, code_counts, histogram_statistics
 from .config import DATASET_PRESETS, TrainConfig
 from .data import split_option
 from .losses import MultiScaleMelLoss
-from .model import SnacGenerator
+from .model import SnacGenerator, seeded_noise
 
 logger = get_logger(__name__)
 
@@ -170,8 +170,7 @@ def describe_training_data(config: Optional[TrainConfig]) -> tuple[list[str], st
 def reconstruct(model: SnacGenerator, audio: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Encode and decode [1, 1, T] (or [1, T]) audio, trimmed to its length; seeded decoder noise."""
     audio = audio.reshape(1, 1, -1).to(next(model.parameters()).device, torch.float32)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_noise(seed):
         out = model.decode(model.encode(audio))
     return out[..., :audio.shape[-1]]
 

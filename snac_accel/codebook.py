@@ -192,6 +192,32 @@ def seed_from_clips(model: Any, clips: Sequence[torch.Tensor], method: str, seed
     return {**seed_codebooks(model, batches, method, seed=seed), "clips": len(clips)}
 
 
+def seed_run_codebooks(accelerator: Any, generator: Any, data: Any, config: Any) -> Optional[dict[str, Any]]:
+    """Before a run's first step, `seed_from_clips` on training excerpts; the record, None when off.
+
+    The excerpts are drawn apart from the training stream (their own keys, or a stream iterator of
+    their own), so training sees the same batches with or without seeding. The main process seeds
+    from the same excerpts whatever the number of processes and broadcasts the rows.
+    """
+    from accelerate.utils import broadcast, broadcast_object_list
+
+    from .data import seeding_excerpts
+
+    method = config.codebook_init or ("none" if config.init_from else "kmeans")
+    if method == "none":
+        return None
+    total = config.codebook_init_clips or min(1024, math.ceil(2 * generator.codebook_size / config.coarse_frames))
+    record: list[Optional[dict[str, Any]]] = [None]
+    if accelerator.is_main_process:  # one process seeds, so the rows do not depend on how many there are
+        clips = seeding_excerpts(data, total, config.seed)
+        record = [seed_from_clips(generator, clips, method, config.seed, accelerator.device)]
+    if accelerator.num_processes > 1:
+        for vq in generator.quantizer.quantizers:
+            vq.codebook.weight.data.copy_(broadcast(vq.codebook.weight.data.clone(), from_process=0))
+        broadcast_object_list(record, from_process=0)
+    return record[0]
+
+
 # ----------------------------------------------------------------------------- dead-code restarts
 
 

@@ -200,7 +200,16 @@ class TrainConfig:
     commitment_weight: float = _choice("Weight of the commitment loss.", 0.25)
     codebook_weight: float = _choice("Weight of the codebook loss.", 1.0)
     ema_decay: Optional[float] = _choice("Keep an EMA of the generator with this decay (e.g. 0.999).", None)
-    max_nonfinite_steps: int = _choice("Stop after this many non-finite updates in a row.", 10)
+    max_nonfinite_steps: int = _choice(
+        "This many non-finite updates in a row of a model count as a divergence (see --on_divergence).", 10)
+    on_divergence: str = _choice(
+        "On a divergence: stop (the last checkpoint intact), or rollback: every process goes back to the last "
+        "checkpoint, lowers the diverged model's learning rate by --rollback_lr_factor and goes on past the "
+        "batches that diverged.", "stop", ["stop", "rollback"])
+    max_rollbacks: int = _choice("With --on_divergence rollback: stop at the divergence after this many rollbacks.",
+                                 3)
+    rollback_lr_factor: float = _choice("With --on_divergence rollback: the diverged model's learning rate factor.",
+                                        0.5)
     mixed_precision: Optional[str] = _choice("Mixed precision (default: accelerate's config).", None,
                                              ["no", "fp16", "bf16"])
     allow_tf32: bool = _choice("Allow TF32 matmuls on Ampere or newer GPUs.", False)
@@ -331,6 +340,12 @@ class TrainConfig:
             errors.append("--train_batch_size and --gradient_accumulation_steps must be at least 1")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             errors.append("--max_train_steps must be at least 1")
+        if self.logging_steps < 1:
+            errors.append("--logging_steps must be at least 1 (the last update is always logged too)")
+        if self.max_nonfinite_steps < 1 or self.max_rollbacks < 0:
+            errors.append("--max_nonfinite_steps must be at least 1 and --max_rollbacks at least 0")
+        if not 0.0 < self.rollback_lr_factor <= 1.0:
+            errors.append("--rollback_lr_factor must lie in (0, 1]")
         if self.freeze:
             unknown = set(self.freeze.split(",")) - {"encoder", "quantizer", "decoder"}
             if unknown:

@@ -22,7 +22,7 @@ from accelerate.logging import get_logger
 
 from . import data as data_lib
 from .card import FIGURE_NAME, USAGE_FIGURE_NAME, describe_training_data, draw_figures, model_card
-from .checkpoints import CheckpointError, model_from_checkpoint, resolve_checkpoint
+from .checkpoints import CheckpointError, model_from_checkpoint, resolve_checkpoint, training_config
 from .config import TrainConfig
 from .evaluate import evaluate, load_clip, rows
 from .hub import HubTokenError, ensure_accelerate_state, push_to_hub, save_pretrained
@@ -68,16 +68,21 @@ def _example_clip(train_config: Optional[TrainConfig], audio_file: Optional[str]
 
 
 def export_checkpoint(source: str | os.PathLike, export_dir: Optional[str | os.PathLike] = None,
-                      which: str = "best", use_ema: bool = False, audio_file: Optional[str] = None,
+                      which: str = "best", use_ema: Optional[bool] = None, audio_file: Optional[str] = None,
                       repo_id: Optional[str] = None, evaluate_clips: int = 16) -> Path:
     """Checkpoint (or a run's best/latest) -> Hub folder; returns the folder.
 
     The card's validation metrics are measured on the exported weights (up to ``evaluate_clips``
     validation files) when the run had validation data, else taken from the checkpoint when it is
-    the one they were recorded at.
+    the one they were recorded at. ``use_ema`` None follows the run: the EMA weights when it exported
+    them (``--ema_decay`` with ``--export_use_ema``), so a run's best checkpoint exports exactly what
+    the run wrote to ``OUTPUT_DIR/best``.
     """
     ensure_accelerate_state()
     checkpoint = resolve_checkpoint(source, which)
+    if use_ema is None:
+        run = training_config(checkpoint)
+        use_ema = bool(run is not None and run.ema_decay is not None and run.export_use_ema)
     model, info = model_from_checkpoint(checkpoint, use_ema=use_ema)
     train_config: Optional[TrainConfig] = info["train_config"]
     if export_dir is None:
@@ -131,7 +136,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="where the Hub folder goes (default: OUTPUT_DIR/export/checkpoint_N[_ema])")
     parser.add_argument("--checkpoint", choices=["best", "latest"], default="best",
                         help="which checkpoint of a training output folder")
-    parser.add_argument("--use_ema", action="store_true", help="export the EMA weights (runs with --ema_decay)")
+    parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
+                        help="export the EMA weights (runs with --ema_decay); default: as the run exported them")
     parser.add_argument("--audio", default=None,
                         help="clip for the card's spectrogram figure (default: the first validation clip)")
     parser.add_argument("--eval_clips", type=int, default=16,

@@ -4,7 +4,9 @@ Two runs on one folder would write the same ``checkpoints/.partial_checkpoint_N`
 other's checkpoints. The lock is a file created with ``O_EXCL`` (atomic, also on NFS, which a
 multi-node run's shared folder often is) that names its holder: host, pid and, under SLURM, the job.
 A lock left by a killed run is taken over with a warning when its holder is provably gone: a dead
-pid on this host, or an earlier incarnation of this SLURM job (a requeued job has a higher
+pid in this process namespace of this running kernel (a host name alone does not prove it:
+containers on one machine may share a host name but not their pids), or an earlier incarnation of
+this SLURM job (a requeued job has a higher
 ``SLURM_RESTART_COUNT``). Any other holder is named in the refusal, with the file to delete if that
 run is gone.
 """
@@ -34,8 +36,17 @@ class OutputDirLocked(ConfigError):
     """Another run holds the output folder."""
 
 
+def pid_space() -> Optional[str]:
+    """This kernel's boot and this process's pid namespace (Linux); pids mean something only within it."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
 def _this_holder() -> dict[str, Any]:
-    holder: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
+    holder: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "pid_space": pid_space(),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     if os.environ.get("SLURM_JOB_ID"):
         holder["slurm_job"] = os.environ["SLURM_JOB_ID"]
@@ -79,7 +90,8 @@ class OutputDirLock:
 
     def _stale_reason(self, holder: dict[str, Any], me: dict[str, Any]) -> Optional[str]:
         """Why the holder is certainly gone, or None when it may still be running."""
-        if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
+        same_pids = holder.get("host") == me["host"] and me["pid_space"] and holder.get("pid_space") == me["pid_space"]
+        if same_pids and isinstance(holder.get("pid"), int):
             if holder["pid"] == me["pid"]:
                 return "held by this process"
             if not _pid_alive(holder["pid"]):

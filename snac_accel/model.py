@@ -13,14 +13,15 @@ import inspect
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from snac import SNAC
-from snac.layers import DecoderBlock, NoiseBlock
+from snac.layers import DecoderBlock, NoiseBlock, Snake1d
 
 
 @dataclass
@@ -36,11 +37,31 @@ class GeneratorOutput:
     latents: list[torch.Tensor]  # per level projected encoder vectors z_e, [B, D, T_level], detached
 
 
+class Snake(Snake1d):
+    """SNAC's Snake activation, x + sin(alpha x)^2 / alpha, computed eagerly in the activation's dtype.
+
+    `snac.layers.snake` is a TorchScript function. TorchScript's profiling executor specialises its
+    graph on the first calls it sees, and the specialised backward rounds differently from the
+    generic one: a fresh run whose first calls came from codebook seeding (no gradient) and a
+    resumed run whose first calls need a gradient trained apart by float rounding (219 of 269
+    tensors after 3 steps). Eager ops have no such history. The same aten ops as snac's function,
+    so float32 outputs equal `snac.SNAC`'s; alpha follows the activation's dtype, so bf16
+    activations stay bf16 instead of being promoted by the float32 parameter.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha.to(x.dtype)
+        return x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+
+
 class SnacGenerator(SNAC):
     """`snac.SNAC` whose forward also returns the VQ losses; optional DAC quantizer dropout."""
 
     def __init__(self, quantizer_dropout: float = 0.0, **snac_kwargs: Any) -> None:
         super().__init__(**snac_kwargs)
+        for module in self.modules():  # same parameters and names, eager forward (see `Snake`)
+            if type(module) is Snake1d:
+                module.__class__ = Snake
         self.quantizer_dropout = quantizer_dropout
         defaults = {k: p.default for k, p in inspect.signature(SNAC.__init__).parameters.items() if k != "self"}
         self._snac_config = {**defaults, **snac_kwargs, "latent_dim": self.latent_dim}
@@ -104,6 +125,17 @@ class SnacGenerator(SNAC):
         z_q, out = self.quantize(z)
         out.audio = self.decoder(z_q)[..., :length]
         return out
+
+
+@contextmanager
+def seeded_noise(seed: int) -> Iterator[None]:
+    """The decoder's noise blocks draw from the global RNG: seed it for one decode, then put back the
+    state of the CPU and of every CUDA device (``torch.manual_seed`` reseeds them all), so that a decode
+    for a figure in the middle of training leaves the training's random streams as they were."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ its micro-batches are scaled, unscaled and checked with one scale, updated once 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -38,7 +38,27 @@ STEPPED, NONFINITE, BACKOFF = "stepped", "non-finite", "scaler back-off"
 
 
 class NonFiniteError(RuntimeError):
-    """Too many non-finite updates in a row: the run stops, the last good checkpoint stays."""
+    """Too many non-finite updates in a row of ``models``: the run stops (or rolls back), the last good
+    checkpoint stays."""
+
+    def __init__(self, message: str, models: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.models = tuple(models)
+
+
+def gather_uneven(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's ``tensor`` concatenated along dim 0, also when the processes hold different counts.
+
+    A batch made smaller by a broken file whose replacements failed too gives one process fewer rows;
+    a plain ``gather`` of unequal first dimensions aborts (gloo) or returns garbage. Rows are padded to
+    the largest count, gathered, and the padding dropped.
+    """
+    if accelerator.num_processes == 1:
+        return tensor
+    counts = accelerator.gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+    padded = accelerator.gather(accelerator.pad_across_processes(tensor.contiguous(), dim=0))
+    largest = max(counts)
+    return torch.cat([padded[rank * largest:rank * largest + count] for rank, count in enumerate(counts)])
 
 
 def build_optimizers(config: TrainConfig, generator: torch.nn.Module, discriminator: torch.nn.Module
@@ -150,7 +170,7 @@ class GanStep:
             if sync and self.restarter is not None:
                 if outcomes["generator"] == STEPPED:
                     logs.update(self.restarter.step(self.unwrapped_generator, out.latents, self.state.step,
-                                                    gather=acc.gather, optimizer=self.opt_g))
+                                                    gather=lambda t: gather_uneven(acc, t), optimizer=self.opt_g))
                 else:  # a skipped update neither ages codes nor counts as their use
                     self.restarter.forget_window()
 
@@ -162,6 +182,12 @@ class GanStep:
         if sync:
             self._after_update(outcomes, out)
         return logs
+
+    def restart_window(self) -> None:
+        """Forget the codes counted since the last update and logging step (after a rollback)."""
+        self.window_counts = self.update_counts = None
+        if self.restarter is not None:
+            self.restarter.forget_window()
 
     def window_logs(self) -> dict[str, float]:
         """Usage, perplexity and efficiency per level over the batches since the last logging step.
@@ -193,8 +219,8 @@ class GanStep:
         if stuck:
             raise NonFiniteError(
                 f"{state.nonfinite_in_row[stuck[0]]} non-finite updates in a row of the {' and the '.join(stuck)} "
-                f"at step {state.step}: stopping. The last checkpoint is intact; lower --learning_rate or use "
-                "--mixed_precision bf16/no")
+                f"at step {state.step}: stopping. The last checkpoint is intact; lower --learning_rate, use "
+                "--mixed_precision bf16/no, or --on_divergence rollback", stuck)
         state.step += 1
 
     def _book(self, name: str, outcome: str) -> None:

@@ -18,6 +18,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=getattr(logging, config.log_level.upper()))
     from .data import DataError
+    from .step import NonFiniteError
     from .trainer import train
 
     try:
@@ -25,6 +26,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError) as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
+    except NonFiniteError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: abort at once, the last checkpoint stays as it was
+        sys.stderr.write("interrupted: the last checkpoint is intact\n")
+        return 130
     logging.getLogger("snac_accel").info(f"done: {final}")
     return 0
 

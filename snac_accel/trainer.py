@@ -8,9 +8,7 @@ stop; at the end it exports ``OUTPUT_DIR/final`` (`snac_accel.export`) and pushe
 
 from __future__ import annotations
 
-import math
 import os
-import signal
 import time
 import weakref
 from pathlib import Path
@@ -20,16 +18,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import GradScalerKwargs, ProjectConfiguration, broadcast, broadcast_object_list, set_seed
+from accelerate.utils import GradScalerKwargs, ProjectConfiguration, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import checkpoints
 from . import data as data_lib
 from .card import describe_training_data
-from .checkpoints import MODELS, TrainState, resolve_resume_path
-from .codebook import DeadCodeRestarter, default_dead_code_steps, seed_from_clips
+from .checkpoints import MODELS, TrainState, list_checkpoints
+from .codebook import DeadCodeRestarter, default_dead_code_steps, seed_run_codebooks
 from .compile import compile_models, eager, refuse_accelerate_dynamo
 from .config import ConfigError, TrainConfig
+from .control import RunControl
 from .discriminators import Discriminator
 from .export import export_folder
 from .hub import HubTokenError, push_to_hub
@@ -37,7 +36,8 @@ from .lock import lock_output_dir
 from .losses import DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarialLoss, MultiScaleMelLoss
 from .model import SnacGenerator, build_generator, freeze, generator_from_pretrained
 from .progress import Progress
-from .step import GanStep, build_optimizers, build_scheduler
+from .resume import apply_optimizer_options, log_changes, resume_plan, scale_learning_rate
+from .step import GanStep, NonFiniteError, build_optimizers, build_scheduler
 from .validation import Validator
 
 logger = get_logger(__name__)
@@ -78,11 +78,9 @@ class SnacTrainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         set_seed(config.seed)
+        self.control = RunControl(acc, config.max_train_minutes)
         self.state = TrainState()
-        self.resume_path = resolve_resume_path(config)
-        if config.resume_from_checkpoint and self.resume_path is None:
-            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {self.checkpoint_dir}, "
-                           "starting from scratch", main_process_only=True)
+        self._check_resume()
 
         self._build_data()
         self._build_models()
@@ -122,8 +120,7 @@ class SnacTrainer:
         self.validator = None if self.val_batch is None else Validator(
             self.val_batch, acc, self.mel_loss, config.sampling_rate, self.codebook_size, config.seed)
         self.bad_tracker = data_lib.BadFileTracker(max_fraction=config.max_bad_fraction)
-        self._stop_signal: Optional[int] = None
-        self._last_saved_step = -1
+        self._last_saved: Optional[tuple[int, int]] = None  # (step, best step) of the last checkpoint written
 
     # ------------------------------------------------------------------ building
 
@@ -136,6 +133,11 @@ class SnacTrainer:
             raise ConfigError(
                 f"launched as {world} processes but accelerate formed a group of {self.accelerator.num_processes}: "
                 "on a machine without GPUs set ACCELERATE_USE_CPU=1 (or use launch.sh --accelerate-config cpu)")
+
+    def _check_resume(self) -> None:
+        """The checkpoint to resume from and the options changed since its run (`resume_plan`)."""
+        self.resume_path, self.resume_changes = resume_plan(self.config, self.accelerator.is_main_process,
+                                                            self.control.shared)
 
     def _build_data(self) -> None:
         acc = self.accelerator
@@ -175,28 +177,13 @@ class SnacTrainer:
         return Path(self.config.output_dir) / "checkpoints"
 
     def _seed_codebooks(self) -> None:
-        """Before a fresh run's first step, start the codebooks at the encoder's vectors (`seed_codebooks`).
-
-        The excerpts are drawn apart from the training stream (their own keys, or a stream iterator
-        of their own), so training sees the same batches with or without seeding. The main process
-        seeds from the same excerpts whatever the number of processes and broadcasts the rows. The
-        record goes into the checkpointed `TrainState`: a resumed run never seeds again.
-        """
-        config, acc = self.config, self.accelerator
-        method = config.codebook_init or ("none" if config.init_from else "kmeans")
-        if method == "none" or self.state.step > 0 or "codebook_init" in self.state.extra:
+        """A fresh run's codebooks start at the encoder's vectors (`seed_run_codebooks`); recorded in the
+        checkpointed `TrainState`, so a resumed run never seeds again."""
+        if self.state.step > 0 or "codebook_init" in self.state.extra:
             return
-        generator = self.unwrapped_generator
-        total = config.codebook_init_clips or min(1024, math.ceil(2 * self.codebook_size / config.coarse_frames))
-        record: list[Optional[dict[str, Any]]] = [None]
-        if acc.is_main_process:  # one process seeds, so the rows do not depend on how many there are
-            clips = data_lib.seeding_excerpts(self.data, total, config.seed)
-            record = [seed_from_clips(generator, clips, method, config.seed, acc.device)]
-        if acc.num_processes > 1:
-            for vq in generator.quantizer.quantizers:
-                vq.codebook.weight.data.copy_(broadcast(vq.codebook.weight.data.clone(), from_process=0))
-            broadcast_object_list(record, from_process=0)
-        self.state.extra["codebook_init"] = record[0]
+        record = seed_run_codebooks(self.accelerator, self.unwrapped_generator, self.data, self.config)
+        if record is not None:
+            self.state.extra["codebook_init"] = record
 
     # ------------------------------------------------------------------ the loop's steps
 
@@ -225,10 +212,15 @@ class SnacTrainer:
         if batch is None:
             return None
         self.state.batch_in_epoch += 1
-        self.bad_tracker.update(batch["bad"], batch["good"])
+        error = None
+        try:
+            self.bad_tracker.update(batch["bad"], batch["good"])
+            if batch["audio"] is None:
+                raise data_lib.DataError("a whole batch had no usable clip: " + "; ".join(batch["bad"][:3]))
+        except data_lib.DataError as err:
+            error = str(err)
         self.state.bad_files = self.bad_tracker.total
-        if batch["audio"] is None:
-            raise data_lib.DataError("a whole batch had no usable clip: " + "; ".join(batch["bad"][:3]))
+        self.control.agree(error)  # every process raises any process's data error, and learns of any stop
         return batch["audio"].to(self.accelerator.device, non_blocking=True)
 
     def _log(self, logs: dict[str, torch.Tensor]) -> None:
@@ -254,7 +246,8 @@ class SnacTrainer:
             return self.validator(self.export_model, self.state.step)
 
     def _validate_and_keep_best(self) -> None:
-        metrics = self.validate()
+        """Validate on the main process; its metrics decide, for every process, whether this is the new best."""
+        metrics = self.control.shared(self.validate() if self.accelerator.is_main_process else {})
         if not metrics:
             return
         self.accelerator.log(metrics, step=self.state.step)
@@ -270,11 +263,11 @@ class SnacTrainer:
 
     def save_checkpoint(self) -> Path:
         """`checkpoints.save_checkpoint` (atomic, rotated); saving twice at one step (best model,
-        checkpointing step, end of run) writes once."""
+        checkpointing step, end of run) writes once, unless a new best was found in between."""
         final = self.checkpoint_dir / f"checkpoint_{self.state.step}"
-        if self._last_saved_step == self.state.step:
+        if self._last_saved == (self.state.step, self.state.best_step):
             return final
-        self._last_saved_step = self.state.step
+        self._last_saved = (self.state.step, self.state.best_step)
         checkpoints.save_checkpoint(self.accelerator, self.checkpoint_dir, self.state.step,
                                     self.config.checkpoints_total_limit, self.state.best_step,
                                     quiet=self.config.log_level != "debug")
@@ -286,19 +279,35 @@ class SnacTrainer:
         logger.info(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                     f"batch {self.state.batch_in_epoch})", main_process_only=True)
 
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._stop_signal = signum
-
-    def _stop_requested(self) -> bool:
-        """Every process agrees to stop at the same step (signal or wall-time budget)."""
-        limit = self.config.max_train_minutes
-        if self._stop_signal is not None or (limit is not None and time.monotonic() - self.started > limit * 60):
-            self.accelerator.set_trigger()
-        if not self.accelerator.check_trigger():
-            return False
-        reason = f"signal {self._stop_signal}" if self._stop_signal else "--max_train_minutes"
-        logger.info(f"stopping at step {self.state.step} ({reason})", main_process_only=True)
-        return True
+    def _roll_back(self, err: NonFiniteError) -> None:
+        """``--on_divergence rollback``: every process goes back to the last checkpoint, lowers the diverged
+        model's learning rate and goes on past the batches that diverged; `err` again when it cannot."""
+        config, state = self.config, self.state
+        rollbacks = list(state.extra.get("rollbacks", []))
+        found = list_checkpoints(self.checkpoint_dir) if self.accelerator.is_main_process else []
+        last = self.control.shared(found[-1][1] if found else None)
+        if config.on_divergence != "rollback":
+            raise err
+        if last is None or len(rollbacks) >= config.max_rollbacks:
+            why = "no checkpoint to roll back to" if last is None else f"{len(rollbacks)} rollbacks already"
+            raise NonFiniteError(f"{err} ({why})", err.models) from None
+        position, diverged_at = (state.epoch, state.batch_in_epoch), state.step
+        self.load_checkpoint(last)
+        state.epoch, state.batch_in_epoch = position
+        models = {"generator": (self.opt_g, self.sched_g), "discriminator": (self.opt_d, self.sched_d)}
+        for name in err.models:
+            scale_learning_rate(*models[name], config.rollback_lr_factor)
+        rollbacks.append({"diverged_at": diverged_at, "back_to": state.step, "models": list(err.models),
+                          "lr_factor": config.rollback_lr_factor})
+        state.extra["rollbacks"] = rollbacks
+        self.gan.restart_window()
+        self._last_saved = (state.step, state.best_step)
+        self.progress.bar.n = state.step
+        self.progress.bar.refresh()
+        logger.warning(f"rollback {len(rollbacks)} of at most {config.max_rollbacks}: the {' and the '.join(err.models)} "
+                       f"diverged at step {diverged_at}; back to {last.name}, its learning rate x"
+                       f"{config.rollback_lr_factor}, going on from batch {position[1]} of epoch {position[0]}",
+                       main_process_only=True)
 
     def export(self, folder: Path, metrics: Optional[dict[str, float]] = None) -> Path:
         """The Hub folder of the current (or EMA) generator; main process only."""
@@ -338,48 +347,65 @@ class SnacTrainer:
             config.save(Path(config.output_dir) / "config.yaml")
         if self.resume_path is not None:
             self.load_checkpoint(self.resume_path)
-            self._last_saved_step = self.state.step
+            apply_optimizer_options(config, self.resume_changes, {"generator": (self.opt_g, self.sched_g),
+                                                                  "discriminator": (self.opt_d, self.sched_d)})
+            log_changes(self.resume_changes)
+            self._last_saved = (self.state.step, self.state.best_step)
+        self.state.extra["run_config"] = config.to_dict()  # what a later resume compares its options with
         self._seed_codebooks()
         acc.init_trackers(config.tracker_project_name, config={k: v for k, v in config.to_dict().items()
                                                               if isinstance(v, (int, float, str, bool))})
 
     def _train(self) -> None:
-        """The loop. A batch is one micro-batch; after each optimizer update: log, validate, checkpoint, stop?"""
+        """The loop. A batch is one micro-batch; after each optimizer update: log, validate, checkpoint, stop?
+
+        Stops (SIGTERM, SIGUSR1, SIGINT, the time budget) and data errors are agreed by every process
+        at each batch (`RunControl`): all processes finish the same update and stop after it.
+        """
         config, acc = self.config, self.accelerator
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         seconds_per_batch = config.train_batch_size * config.segment_samples / config.sampling_rate * acc.num_processes
         self.progress = Progress(acc, self.max_steps, self.state.step, seconds_per_batch)
-        self.started = time.monotonic()
+        self.control.start_clock()
         try:
-            for real in self._batches():
-                step_before = self.state.step
-                logs = self.train_step(real)
-                self.progress.trained_batch()
-                if self.state.step == step_before:  # the accumulation window is still open
-                    continue
-                self.progress.bar.update(1)
-                self._log(logs)
-                if config.validation_steps and self.state.step % config.validation_steps == 0:
-                    self._validate_and_keep_best()
-                if (config.checkpointing_steps and self.state.step % config.checkpointing_steps == 0
-                        and not any(self.state.nonfinite_in_row.values())):
-                    self.save_checkpoint()
-                if self._stop_requested():
-                    break
+            with self.control.signals():
+                for real in self._batches():
+                    if not self._train_batch(real):  # the accumulation window is still open
+                        continue
+                    self.progress.bar.update(1)
+                    self._log(self.logs)
+                    if config.validation_steps and self.state.step % config.validation_steps == 0:
+                        self._validate_and_keep_best()
+                    if (config.checkpointing_steps and self.state.step % config.checkpointing_steps == 0
+                            and not any(self.state.nonfinite_in_row.values())):
+                        self.save_checkpoint()
+                    if self.control.stopping:
+                        logger.info(f"stopped at step {self.state.step}", main_process_only=True)
+                        break
         finally:
             self.progress.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+
+    def _train_batch(self, real: torch.Tensor) -> bool:
+        """One micro-batch; whether it closed an optimizer update. A divergence rolls back when asked."""
+        step_before = self.state.step
+        try:
+            self.logs = self.train_step(real)
+        except NonFiniteError as err:
+            self._roll_back(err)
+            return False
+        self.progress.trained_batch()
+        return self.state.step != step_before
 
     def _finish(self) -> Path:
-        """The last checkpoint; unless stopped by a signal, a last validation, the export and the push."""
+        """Stopped by a signal: the checkpoint only. Otherwise a last validation, then the checkpoint
+        (so it records that validation's best), the export and the push."""
         config, acc, state = self.config, self.accelerator, self.state
-        self.save_checkpoint()
-        if self._stop_signal is not None:
+        if self.control.signalled:
+            path = self.save_checkpoint()
             acc.end_training()
-            return self.checkpoint_dir / f"checkpoint_{state.step}"
+            return path
         if not config.validation_steps or state.step % config.validation_steps:
             self._validate_and_keep_best()
+        self.save_checkpoint()
         final = self.export(Path(config.output_dir) / "final", state.extra.get("last_metrics"))
         if config.push_to_hub and acc.is_main_process:
             try:

@@ -369,7 +369,7 @@ def test_signal_to_launch_sh_checkpoints_and_exits_cleanly(tmp_path, config, sig
     assert 1 <= step < 10_000
     ranks = 2 if config == "cpu" else 1
     assert {p.name for p in checkpoints[0].glob("random_states_*")} == {f"random_states_{r}.pkl" for r in range(ranks)}
-    assert f"(signal {int(signum)})" in log.read_text()
+    assert f"(signal {signal.Signals(signum).name})" in log.read_text()
     assert not (out / "final").exists()
 
 

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from accelerate import PartialState
 
-from snac_accel.lock import LOCK_NAME, OutputDirLock, OutputDirLocked
+from snac_accel.lock import LOCK_NAME, OutputDirLock, OutputDirLocked, pid_space
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +21,8 @@ def accelerate_state():
 
 def _holder(folder, **fields):
     folder.mkdir(parents=True, exist_ok=True)
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": "2025-01-01 00:00:00 +0000", **fields}
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "pid_space": pid_space(),
+              "started": "2025-01-01 00:00:00 +0000", **fields}
     (folder / LOCK_NAME).write_text(json.dumps(holder))
 
 
@@ -57,6 +58,15 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, cap
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     lock.release()
     assert not (tmp_path / LOCK_NAME).exists() and tmp_path.is_dir()
+
+
+@pytest.mark.parametrize("pids", ["another pid namespace", None])
+def test_dead_pid_of_another_pid_namespace_on_this_host_name_is_not_proof(tmp_path, pids):
+    """Containers sharing a host name but not a PID namespace: the holder's pid means nothing here
+    (None: a lock written without the namespace, as older versions did)."""
+    _holder(tmp_path, pid=_dead_pid(), pid_space=pids)
+    with pytest.raises(OutputDirLocked, match="in use by another training run"):
+        OutputDirLock(tmp_path).acquire()
 
 
 def test_lock_of_another_host_is_refused_unless_slurm_requeued_this_job(tmp_path, monkeypatch):

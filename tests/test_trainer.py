@@ -230,7 +230,7 @@ def _cli(tmp_path: Path, *extra: str) -> list[str]:
             "--report_to", "none", "--dataloader_num_workers", "0", "--checkpointing_steps", "2", *extra]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_preemption_signal_checkpoints_exits_zero_and_resumes(tmp_path, signum):
     proc = subprocess.Popen(_cli(tmp_path, "--max_train_steps", "100000"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -244,7 +244,7 @@ def test_preemption_signal_checkpoints_exits_zero_and_resumes(tmp_path, signum):
     assert proc.returncode == 0, output
     assert time.monotonic() - sent < 60
     step = list_checkpoints(tmp_path / "checkpoints")[-1][0]
-    assert step >= 2 and f"signal {int(signum)}" in output
+    assert step >= 2 and f"signal {signal.Signals(signum).name}" in output
     resumed = subprocess.run(_cli(tmp_path, "--max_train_steps", str(step + 1), "--resume_from_checkpoint", "latest"),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

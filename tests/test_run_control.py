@@ -1,0 +1,154 @@
+"""The promises users meet with the options they get without flags: exact resume, a clean stop when one
+process of a run is signalled, one decision for every process (errors, best, latest), rollback.
+
+Runs are real CLI processes (a fresh process per run, as users run them: state left behind in one
+process by an earlier run, such as TorchScript's profiling, must not hide a difference).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from snac_accel.checkpoints import list_checkpoints
+
+from .helpers import assert_identical, custom_states, optimizer_states
+from .test_distributed import ACCELERATE, ROOT, child_env, free_port, tail
+
+TRAIN = ROOT / "snac_accel" / "demo_data" / "train"
+TIMEOUT = 600
+
+
+def defaults(output_dir: Path, steps: int, *extra: str) -> list[str]:
+    """The options a user must give (data, output, length, a checkpoint interval) and nothing else."""
+    return ["--preset", "tiny", "--train_data_dir", str(TRAIN), "--output_dir", str(output_dir),
+            "--max_train_steps", str(steps), "--checkpointing_steps", str(max(1, steps // 2)), *extra]
+
+
+def train(args: list[str], log: Path, processes: int = 1) -> str:
+    if processes == 1:
+        cmd = [sys.executable, "-m", "snac_accel.train", *args]
+        env = child_env()
+    else:
+        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+               "--main_process_port", str(free_port()), "-m", "snac_accel.train", *args]
+        env = child_env(ACCELERATE_USE_CPU="1")
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=TIMEOUT)
+    assert done.returncode == 0, tail(log)
+    return log.read_text()
+
+
+def assert_same_training_state(a: Path, b: Path) -> None:
+    """Both models, both optimizers, schedulers, EMA, restarter: bit for bit."""
+    for name in ("model.safetensors", "model_1.safetensors"):
+        x, y = load_file(a / name), load_file(b / name)
+        differ = [k for k in x if not torch.equal(x[k], y[k])]
+        assert not differ, f"{name}: {len(differ)} of {len(x)} tensors differ, e.g. {differ[:3]}"
+    assert_identical(optimizer_states(a), optimizer_states(b), "optimizer state")
+    x, y = custom_states(a), custom_states(b)
+    for part in ("schedulers", "restarter"):
+        assert_identical(x[part], y[part], part)
+
+
+@pytest.fixture(scope="module")
+def straight_two_processes(tmp_path_factory) -> Path:
+    """6 updates of 2 processes with the default options: 8 clips per update, so it crosses epoch 0 -> 1."""
+    out = tmp_path_factory.mktemp("straight2") / "run"
+    train(defaults(out, 6), out.with_suffix(".log"), processes=2)
+    return out
+
+
+@pytest.mark.parametrize("workers", [None, "0"], ids=["default_workers", "no_workers"])
+def test_resume_with_the_default_options_is_bit_identical(tmp_path, workers):
+    """4 updates straight against 2 + resume + 2, each run in its own process. Failed before the
+    generator's Snake ran eagerly: the fresh run's codebook seeding made TorchScript specialise
+    snac's Snake function on gradient-free calls, the resumed run on training calls."""
+    extra = ("--dataloader_num_workers", workers) if workers else ()
+    train(defaults(tmp_path / "straight", 4, *extra), tmp_path / "straight.log")
+    train(defaults(tmp_path / "cut", 2, *extra), tmp_path / "cut.log")
+    log = train(defaults(tmp_path / "cut", 4, "--resume_from_checkpoint", "latest", *extra), tmp_path / "resumed.log")
+    assert "resumed from" in log and "at step 2 " in log
+    assert_same_training_state(tmp_path / "straight/checkpoints/checkpoint_4", tmp_path / "cut/checkpoints/checkpoint_4")
+
+
+def test_two_process_resume_with_the_default_options_is_bit_identical(tmp_path, straight_two_processes):
+    train(defaults(tmp_path / "cut", 3), tmp_path / "cut.log", processes=2)
+    train(defaults(tmp_path / "cut", 6, "--resume_from_checkpoint", "latest"), tmp_path / "resumed.log", processes=2)
+    assert_same_training_state(straight_two_processes / "checkpoints/checkpoint_6",
+                               tmp_path / "cut/checkpoints/checkpoint_6")
+
+
+def rank_pids(launcher: int, deadline: float) -> dict[int, int]:
+    """{rank: pid} of the training processes below ``launcher`` (their RANK environment variable)."""
+    while time.monotonic() < deadline:
+        found = {}
+        for child in _descendants(launcher):
+            try:
+                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+            if ranks and Path(f"/proc/{child}/cmdline").read_bytes().find(b"snac_accel.train") >= 0:
+                found[int(ranks[0])] = child
+        if len(found) == 2:
+            return found
+        time.sleep(0.5)
+    raise AssertionError("the two training processes never appeared")
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return children + [d for c in children for d in _descendants(c)]
+
+
+@pytest.mark.parametrize("signum, rank", [
+    (signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGUSR1, 0), (signal.SIGUSR1, 1),
+    (signal.SIGINT, 0), (signal.SIGINT, 1),
+], ids=lambda value: signal.Signals(value).name if isinstance(value, signal.Signals) else f"rank{value}")
+def test_a_signal_to_one_process_stops_both_at_one_step(tmp_path, signum, rank, straight_two_processes):
+    """Preemption signals one node, Ctrl-C may reach one process: every process checkpoints at the same
+    step and exits 0, no export; the checkpoint resumes bit-identically to an uninterrupted run."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+           "--main_process_port", str(free_port()), "-m", "snac_accel.train", *defaults(out, 6)]
+    cmd[cmd.index("--checkpointing_steps") + 1] = "100"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(ACCELERATE_USE_CPU="1"), stdout=f,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        pids = rank_pids(proc.pid, deadline)
+        while "1/6" not in log.read_text():  # the first update is done: the signal lands mid-training
+            assert proc.poll() is None and time.monotonic() < deadline, tail(log)
+            time.sleep(0.2)
+        os.kill(pids[rank], signum)
+        assert proc.wait(timeout=TIMEOUT) == 0, tail(log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert f"signal {signal.Signals(signum).name}" in text, tail(log)
+    found = list_checkpoints(out / "checkpoints")
+    assert len(found) == 1 and found[0][0] < 6, found
+    assert not (out / "final").exists()
+    step = found[0][0]
+    assert {p.name for p in found[0][1].glob("random_states_*")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    if (signum, rank) == (signal.SIGINT, 1):
+        train(defaults(out, 6, "--resume_from_checkpoint", "latest"), tmp_path / "resumed.log", processes=2)
+        assert f"at step {step} " in (tmp_path / "resumed.log").read_text()
+        assert_same_training_state(straight_two_processes / "checkpoints/checkpoint_6", out / "checkpoints/checkpoint_6")
