@@ -81,8 +81,12 @@ class SnacTrainer:
         self.control = RunControl(acc, config.max_train_minutes)
         self.state = TrainState()
         self._check_resume()
-
-        self._build_data()
+        error = None
+        try:  # a source that fails its pre-flight check on one process fails it for all
+            self._build_data()
+        except data_lib.DataError as err:
+            error = str(err)
+        self.control.agree(error)
         self._build_models()
         self.opt_g, self.opt_d = build_optimizers(config, self.generator, self.discriminator)
         self.sched_g = build_scheduler(config, self.opt_g, self.max_steps)

@@ -152,3 +152,69 @@ def test_a_signal_to_one_process_stops_both_at_one_step(tmp_path, signum, rank, 
         train(defaults(out, 6, "--resume_from_checkpoint", "latest"), tmp_path / "resumed.log", processes=2)
         assert f"at step {step} " in (tmp_path / "resumed.log").read_text()
         assert_same_training_state(straight_two_processes / "checkpoints/checkpoint_6", out / "checkpoints/checkpoint_6")
+
+
+FAULTS = r'''
+import sys
+from pathlib import Path
+
+import torch
+from snac_accel.data import AudioClips, Clip
+from snac_accel.trainer import SnacTrainer
+from tests.conftest import tiny_config
+
+out, fault = Path(sys.argv[1]), sys.argv[2]
+config = tiny_config(out / "run", train_batch_size=2, segment_seconds=0.25, max_train_steps=6, checkpointing_steps=0,
+                     validation_data_dir=None, dead_code_steps=1)
+trainer = SnacTrainer(config)
+rank = trainer.accelerator.process_index
+if fault == "broken_data" and rank == 1:  # this node's copy of the data became unreadable mid-run
+    AudioClips.load_row = lambda self, source, row, generator: Clip(None, "cannot open: Input/output error")
+    trainer.fit()
+elif fault == "uneven":  # rank 1's batches lost a clip (broken, its replacements too)
+    trainer.sampler.set_epoch(0)
+    batches = iter(trainer.train_loader)
+    trainer._seed_codebooks()
+    for _ in range(4):
+        real = next(batches)["audio"]
+        trainer.train_step(real[:1] if rank == 1 else real)
+    torch.save({"generator": trainer.unwrapped_generator.state_dict(),
+                "restarted": trainer.restarter.restarted.clone()}, out / f"rank{rank}.pt")
+else:
+    trainer.fit()
+'''
+
+
+def run_faults(tmp_path: Path, fault: str) -> tuple[int, str, float]:
+    script = tmp_path / "faults.py"
+    script.write_text(FAULTS)
+    log = tmp_path / "log.txt"
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+           "--main_process_port", str(free_port()), str(script), str(tmp_path), fault]
+    started = time.monotonic()
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, cwd=ROOT, env=child_env(ACCELERATE_USE_CPU="1"), stdout=f,
+                              stderr=subprocess.STDOUT, timeout=TIMEOUT)
+    return done.returncode, log.read_text(), time.monotonic() - started
+
+
+def test_a_data_error_on_one_process_ends_both_with_its_message(tmp_path):
+    code, text, seconds = run_faults(tmp_path, "broken_data")
+    assert code != 0 and seconds < 300
+    # both processes raise the same error, naming the process that met it (before, rank 0 trained on
+    # and waited in its next collective for a rank that had left)
+    raised = {line.split("]: ", 1)[0]: line.split("]: ", 1)[1] for line in text.splitlines()
+              if "DataError: a whole batch had no usable clip" in line and "]: " in line}
+    assert set(raised) == {"[rank0", "[rank1"} and len(set(raised.values())) == 1, tail(tmp_path / "log.txt")
+    raised = list(raised.values())
+    assert "Input/output error" in raised[0] and "(process 1)" in raised[0]
+
+
+def test_dead_code_restarts_with_batches_of_different_sizes_keep_ranks_identical(tmp_path):
+    code, text, _ = run_faults(tmp_path, "uneven")
+    assert code == 0, text[-4000:]
+    a, b = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert a["restarted"].sum() > 0  # codes were re-seeded from the gathered vectors
+    assert torch.equal(a["restarted"], b["restarted"])
+    for name, tensor in a["generator"].items():
+        assert torch.equal(tensor, b["generator"][name]), name
