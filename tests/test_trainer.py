@@ -497,10 +497,12 @@ def test_max_train_minutes_stops_cleanly_with_checkpoint_and_export(tmp_path, ca
     trainer = SnacTrainer(tiny_config(tmp_path, max_train_minutes=1e-4, max_train_steps=5, segment_seconds=0.25,
                                       train_batch_size=2, checkpointing_steps=0, validation_data_dir=None))
     caplog.set_level("INFO")
-    final = trainer.fit()  # a step takes longer than 6 ms: the budget is spent after the first
-    assert trainer.state.step == 1
-    assert "stopping at step 1 (--max_train_minutes)" in caplog.text
-    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [1]
+    # A step takes longer than 6 ms: the budget is spent during the first update, agreed at the next
+    # batch (RunControl), and every process stops after the update under way.
+    final = trainer.fit()
+    assert trainer.state.step == 2
+    assert "stopping after this update (--max_train_minutes)" in caplog.text
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
     assert final == tmp_path / "final" and (final / "model.safetensors").is_file()
 
 
