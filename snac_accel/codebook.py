@@ -21,6 +21,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
+from accelerate.utils import broadcast, broadcast_object_list
+
+from .data import seeding_excerpts
 
 logger = get_logger(__name__)
 
@@ -199,10 +202,6 @@ def seed_run_codebooks(accelerator: Any, generator: Any, data: Any, config: Any)
     their own), so training sees the same batches with or without seeding. The main process seeds
     from the same excerpts whatever the number of processes and broadcasts the rows.
     """
-    from accelerate.utils import broadcast, broadcast_object_list
-
-    from .data import seeding_excerpts
-
     method = config.codebook_init or ("none" if config.init_from else "kmeans")
     if method == "none":
         return None

@@ -56,8 +56,9 @@ def gather_uneven(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tenso
     if accelerator.num_processes == 1:
         return tensor
     counts = accelerator.gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
-    padded = accelerator.gather(accelerator.pad_across_processes(tensor.contiguous(), dim=0))
     largest = max(counts)
+    padding = tensor.new_zeros((largest - tensor.shape[0], *tensor.shape[1:]))
+    padded = accelerator.gather(torch.cat([tensor, padding]).contiguous())
     return torch.cat([padded[rank * largest:rank * largest + count] for rank, count in enumerate(counts)])
 
 
