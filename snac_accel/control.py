@@ -84,13 +84,15 @@ class RunControl:
 
     # ------------------------------------------------------------------ what all processes agree on
 
-    def agree(self, error: Optional[str] = None) -> None:
-        """Combine every process's error and stop request; raises the shared error on every process.
+    def agree(self, error: Optional[str] = None, stops: bool = True) -> None:
+        """Combine every process's error and (unless ``stops`` is False, as while building) stop request;
+        raises the shared error on every process.
 
-        Called by every process once per micro-batch, at the same point of the loop.
+        Called by every process at the same points: once per micro-batch, and after building the data.
         """
         # The agreed stop code is kept in the local record, so a stop once agreed stays agreed.
-        local = [int(error is not None), max(self.stop_code, self._local_stop()), self.local_signal or 0]
+        requested = max(self.stop_code, self._local_stop()) if stops else self.stop_code
+        local = [int(error is not None), requested, (self.local_signal or 0) if stops else 0]
         if self.group is None:
             flags = local
         else:

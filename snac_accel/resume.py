@@ -36,7 +36,14 @@ OPTIMIZER = ("learning_rate", "disc_learning_rate", "adam_beta1", "adam_beta2", 
              "lr_gamma")
 # Where the run writes and how it reports: never worth a line.
 UNREPORTED = ("output_dir", "resume_from_checkpoint", "hub_token", "log_level", "report_to", "logging_dir",
-              "tracker_project_name", "dataloader_num_workers")
+              "tracker_project_name", "dataloader_num_workers", "max_train_steps", "num_train_epochs",
+              "max_train_minutes", "logging_steps", "validation_steps", "checkpointing_steps", "checkpoints_total_limit",
+              "push_to_hub", "hub_model_id", "hub_private")
+
+
+def run_record(config: TrainConfig) -> dict[str, Any]:
+    """The options a checkpoint records for a later resume to compare with (not where or how it reports)."""
+    return {k: v for k, v in config.to_dict().items() if k not in UNREPORTED}
 
 
 def run_config_of(checkpoint: Path) -> Optional[dict[str, Any]]:

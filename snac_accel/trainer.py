@@ -36,7 +36,7 @@ from .lock import lock_output_dir
 from .losses import DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarialLoss, MultiScaleMelLoss
 from .model import SnacGenerator, build_generator, freeze, generator_from_pretrained
 from .progress import Progress
-from .resume import apply_optimizer_options, log_changes, resume_plan, scale_learning_rate
+from .resume import apply_optimizer_options, log_changes, resume_plan, run_record, scale_learning_rate
 from .step import GanStep, NonFiniteError, build_optimizers, build_scheduler
 from .validation import Validator
 
@@ -86,7 +86,7 @@ class SnacTrainer:
             self._build_data()
         except data_lib.DataError as err:
             error = str(err)
-        self.control.agree(error)
+        self.control.agree(error, stops=False)
         self._build_models()
         self.opt_g, self.opt_d = build_optimizers(config, self.generator, self.discriminator)
         self.sched_g = build_scheduler(config, self.opt_g, self.max_steps)
@@ -287,11 +287,11 @@ class SnacTrainer:
         """``--on_divergence rollback``: every process goes back to the last checkpoint, lowers the diverged
         model's learning rate and goes on past the batches that diverged; `err` again when it cannot."""
         config, state = self.config, self.state
+        if config.on_divergence != "rollback":
+            raise err
         rollbacks = list(state.extra.get("rollbacks", []))
         found = list_checkpoints(self.checkpoint_dir) if self.accelerator.is_main_process else []
         last = self.control.shared(found[-1][1] if found else None)
-        if config.on_divergence != "rollback":
-            raise err
         if last is None or len(rollbacks) >= config.max_rollbacks:
             why = "no checkpoint to roll back to" if last is None else f"{len(rollbacks)} rollbacks already"
             raise NonFiniteError(f"{err} ({why})", err.models) from None
@@ -355,7 +355,7 @@ class SnacTrainer:
                                                                   "discriminator": (self.opt_d, self.sched_d)})
             log_changes(self.resume_changes)
             self._last_saved = (self.state.step, self.state.best_step)
-        self.state.extra["run_config"] = config.to_dict()  # what a later resume compares its options with
+        self.state.extra["run_config"] = run_record(config)  # what a later resume compares its options with
         self._seed_codebooks()
         acc.init_trackers(config.tracker_project_name, config={k: v for k, v in config.to_dict().items()
                                                               if isinstance(v, (int, float, str, bool))})

@@ -53,7 +53,14 @@ def test_compiled_run_resumes_bit_identically_and_exports_plain_snac_weights(tmp
     for name in ("model.safetensors", "model_1.safetensors"):
         assert_identical(load_file(a / name), load_file(b / name), name)
     assert_identical(optimizer_states(a), optimizer_states(b), "optimizer state")
-    assert_identical(custom_states(a), custom_states(b), "EMA, restarter, schedulers, train state")
+    # The validation records differ by design: the cut run validated at its end (step 2), the straight one did not.
+    records = ("best_val_mel", "best_step")
+    x, y = custom_states(a), custom_states(b)
+    for states in (x, y):
+        states["train_state"] = {k: v for k, v in states["train_state"].items() if k not in records}
+        states["train_state"]["extra"] = {k: v for k, v in states["train_state"]["extra"].items()
+                                          if k not in ("last_metrics", "best_metrics")}
+    assert_identical(x, y, "EMA, restarter, schedulers, train state")
 
     # Checkpoints hold the eager generator's keys (no '_orig_mod.'); the export is plain snac.SNAC.
     plain_keys = build_generator(straight.config.model_config).state_dict().keys()
