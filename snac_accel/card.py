@@ -74,7 +74,7 @@ def codebook_rows(metrics: dict[str, Any]) -> list[tuple[int, float, float]]:
 def model_card(model: SnacGenerator, info: dict[str, Any]) -> str:
     """A model card with YAML metadata so the Hub lists the codec under `library_name: snac`.
 
-    ``info`` keys (all optional): name, repo_id, steps, datasets (Hub ids), training_data (words),
+    ``info`` keys (all optional): name, repo_id, steps, datasets (Hub ids), training_data (words), rollbacks,
     base_model, metrics, metrics_source, and the figures `draw_figures` returns (figure, usage_figure,
     usage_source).
     """
@@ -110,6 +110,9 @@ def model_card(model: SnacGenerator, info: dict[str, Any]) -> str:
              f"- Data: {info.get('training_data') or ', '.join(datasets) or 'unknown'}"]
     if base_model:
         lines.append(f"- Initialised from: {base_model}")
+    for event in info.get("rollbacks") or []:  # --on_divergence rollback
+        lines.append(f"- Rolled back: the {' and the '.join(event['models'])} diverged at step {event['diverged_at']}; "
+                     f"resumed from step {event['back_to']} with its learning rate x{event['lr_factor']}")
     metrics = info.get("metrics") or {}
     if metrics:
         lines += ["", "## Validation", ""]

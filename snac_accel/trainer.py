@@ -319,6 +319,7 @@ class SnacTrainer:
             config = self.config
             datasets, words = describe_training_data(config)
             info = dict(steps=self.state.step, metrics=metrics, datasets=datasets, training_data=words,
+                        rollbacks=self.state.extra.get("rollbacks"),
                         base_model=config.init_from, repo_id=config.hub_model_id, name=Path(config.output_dir).name)
             example = self.val_batch[:1].float().cpu() if self.val_batch is not None else None
             with eager():

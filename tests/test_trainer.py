@@ -607,6 +607,7 @@ def test_rollback_recovers_from_a_divergence_and_finishes_finite(tmp_path, caplo
     assert trainer.state.extra["rollbacks"] == [{"diverged_at": 4, "back_to": 2, "models": ["discriminator", "generator"],
                                                  "lr_factor": 0.5}]
     assert "rollback 1 of at most 3" in caplog.text
+    assert "Rolled back: the discriminator and the generator diverged at step 4" in (tmp_path / "final/README.md").read_text()
     gamma = trainer.config.lr_gamma  # both learning rates halved, from where their decay had got to
     for sched in (trainer.sched_g, trainer.sched_d):
         assert sched.get_last_lr()[0] == pytest.approx(0.5 * 3e-4 * gamma ** sched.last_epoch, rel=1e-9)
