@@ -230,14 +230,20 @@ def _cli(tmp_path: Path, *extra: str) -> list[str]:
             "--report_to", "none", "--dataloader_num_workers", "0", "--checkpointing_steps", "2", *extra]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
-def test_preemption_signal_checkpoints_exits_zero_and_resumes(tmp_path, signum):
+def _training_past_its_first_checkpoint(tmp_path: Path) -> subprocess.Popen:
+    """A long CLI run, returned once checkpoint_2 is written: a signal then lands mid-training."""
     proc = subprocess.Popen(_cli(tmp_path, "--max_train_steps", "100000"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not (tmp_path / "checkpoints" / "checkpoint_2").is_dir():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
         time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_preemption_signal_checkpoints_exits_zero_and_resumes(tmp_path, signum):
+    proc = _training_past_its_first_checkpoint(tmp_path)
     sent = time.monotonic()
     proc.send_signal(signum)
     output, _ = proc.communicate(timeout=60)
@@ -633,12 +639,7 @@ def test_resume_applies_a_new_learning_rate_and_refuses_another_preset(tmp_path,
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):
-    proc = subprocess.Popen(_cli(tmp_path, "--max_train_steps", "100000"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "checkpoints" / "checkpoint_2").is_dir():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
-        time.sleep(0.2)
+    proc = _training_past_its_first_checkpoint(tmp_path)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
