@@ -26,7 +26,7 @@ setup() {
     [[ -x "$PY" ]] || make_venv
     quietly "upgrading pip" "$PY" -m pip install --upgrade pip
     quietly "installing snac-accel and its packages" \
-      "$PY" -m pip install -c constraints.txt -e ".[dev,tracking]"
+      "$PY" -m pip install -c constraints.txt -e ".[dev]"
     echo "$stamp" > "$VENV/.snac-accel-stamp"
   fi
   check_ffmpeg

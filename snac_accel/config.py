@@ -1,100 +1,25 @@
-"""Training configuration: one dataclass parsed by ``transformers.HfArgumentParser``.
+"""Training options: one dataclass, parsed by ``transformers.HfArgumentParser`` (see `arguments`).
 
 The fields follow the diffusers/accelerate example scripts so that their users find the options
-they expect. This module holds plain data (presets, option checks) and imports no torch code of the
-project, so ``--help`` and option errors come back before any model is built.
+they expect. This module holds plain data and imports no torch code of the project, so ``--help``
+and option errors come back before any model is built.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib.util
-import json
 import math
 import os
-import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-# Constructor arguments of `snac.SNAC`, exactly as the released checkpoints' config.json.
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "snac_24khz": dict(
-        sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], latent_dim=None,
-        decoder_dim=1024, decoder_rates=[8, 8, 4, 2], attn_window_size=None,
-        codebook_size=4096, codebook_dim=8, vq_strides=[4, 2, 1], noise=True, depthwise=True,
-    ),
-    "snac_32khz": dict(
-        sampling_rate=32000, encoder_dim=64, encoder_rates=[2, 3, 8, 8], latent_dim=None,
-        decoder_dim=1536, decoder_rates=[8, 8, 3, 2], attn_window_size=32,
-        codebook_size=4096, codebook_dim=8, vq_strides=[8, 4, 2, 1], noise=True, depthwise=True,
-    ),
-    "snac_44khz": dict(
-        sampling_rate=44100, encoder_dim=64, encoder_rates=[2, 3, 8, 8], latent_dim=None,
-        decoder_dim=1536, decoder_rates=[8, 8, 3, 2], attn_window_size=32,
-        codebook_size=4096, codebook_dim=8, vq_strides=[8, 4, 2, 1], noise=True, depthwise=True,
-    ),
-    # A 24 kHz codec small enough to train for real on two CPU cores (tests, demo).
-    "tiny": dict(
-        sampling_rate=24000, encoder_dim=16, encoder_rates=[2, 4, 8, 8], latent_dim=None,
-        decoder_dim=128, decoder_rates=[8, 8, 4, 2], attn_window_size=None,
-        codebook_size=256, codebook_dim=8, vq_strides=[4, 2, 1], noise=True, depthwise=True,
-    ),
-}
+from .option_checks import ConfigError, check_options
+from .presets import DATASET_PRESETS, DISCRIMINATOR_PRESETS, MODEL_PRESETS, RECIPES
 
-# Discriminator sizes per model preset: DAC's for the released sizes, narrow ones for `tiny`.
-DISCRIMINATOR_PRESETS: dict[str, dict[str, Any]] = {
-    "full": dict(periods=[2, 3, 5, 7, 11], mpd_channels=32, mpd_max_channels=1024,
-                 stft_windows=[2048, 1024, 512], stft_channels=32),
-    "tiny": dict(periods=[2, 3, 5, 7, 11], mpd_channels=4, mpd_max_channels=32,
-                 stft_windows=[2048, 1024, 512], stft_channels=4),
-}
-
-# Data presets: where a practitioner's usual corpora live on the Hub and what their columns are.
-# LJ Speech and VCTK are loading-script repositories, which datasets >= 4 no longer runs: they are
-# read from the Hub's automatic Parquet conversion (revision refs/convert/parquet). Common Voice is
-# gated (accept its terms, then `hf auth login`); Mozilla has been moving it to its own Data
-# Collective, so this id may need replacing by a mirror.
-PARQUET_REVISION = "refs/convert/parquet"
-DATASET_PRESETS: dict[str, dict[str, Any]] = {
-    "ljspeech": dict(dataset_name="keithito/lj_speech", dataset_config_name="main", dataset_revision=PARQUET_REVISION,
-                     train_split="train", eval_split=None, audio_column="audio"),
-    "librispeech": dict(dataset_name="openslr/librispeech_asr", dataset_config_name="clean",
-                        train_split="train.100", eval_split="validation", audio_column="audio"),
-    "common_voice": dict(dataset_name="mozilla-foundation/common_voice_17_0", dataset_config_name="en",
-                         dataset_revision=PARQUET_REVISION, train_split="train", eval_split="validation",
-                         audio_column="audio"),
-    "vctk": dict(dataset_name="CSTR-Edinburgh/vctk", dataset_revision=PARQUET_REVISION, train_split="train",
-                 eval_split=None, audio_column="audio"),
-    "demo": dict(train_data_dir=str(Path(__file__).parent / "demo_data" / "train"),
-                 validation_data_dir=str(Path(__file__).parent / "demo_data" / "validation")),
-}
-
-
-# Optimisation recipes: the options each fills when left unset. Batch sizes are per process.
-RECIPES: dict[str, dict[str, Any]] = {
-    # SNAC (arXiv 2410.14411, section 4): "largely follows" DAC; AdamW, lr 6e-4, exponential decay
-    # 0.999994 per iteration, no gradient clipping, batches of 16 clips of about 0.8 s, 800k iterations.
-    "snac": dict(source="SNAC paper, arXiv 2410.14411", values=dict(
-        learning_rate=6e-4, lr_gamma=0.999994, max_grad_norm=0.0, disc_max_grad_norm=0.0, train_batch_size=16,
-        segment_seconds=0.8, disc_start=0)),
-    # DAC's final configs (descript-audio-codec conf/final): AdamW lr 1e-4, decay 0.999996, gradient
-    # clipping 1000 (generator) / 10 (discriminator), batch 72 x 0.38 s, 400k iterations.
-    "dac": dict(source="DAC, descript-audio-codec conf/final", values=dict(
-        learning_rate=1e-4, lr_gamma=0.999996, max_grad_norm=1000.0, disc_max_grad_norm=10.0, train_batch_size=72,
-        segment_seconds=0.38, disc_start=0)),
-    # The tiny preset on two CPU cores: what trained best in a few hundred steps (benchmarks/quality.py):
-    # after 300 steps, validation mel distance 3.28 with lr 1e-3 (2e-3: 3.38 and 39% of the codes at level 0
-    # in use), 3.45 with the GAN from step 150 (hence from step 1000 here), and dead codes re-seeded after 10
-    # unused updates (after 50: usage 46/61/82% against 57/79/96%).
-    "cpu": dict(source="measured with benchmarks/quality.py", values=dict(
-        learning_rate=1e-3, lr_gamma=0.999994, max_grad_norm=1000.0, disc_max_grad_norm=10.0, train_batch_size=4,
-        segment_seconds=1.0, disc_start=1000, dead_code_steps=10)),
-}
+__all__ = ["TrainConfig", "ConfigError", "MODEL_PRESETS", "DISCRIMINATOR_PRESETS", "DATASET_PRESETS", "RECIPES"]
 
 
 def _choice(help_text: str, default: Any, choices: Optional[list] = None, aliases: Optional[list[str]] = None,
@@ -300,85 +225,8 @@ class TrainConfig:
                 setattr(self, key, value)
 
     def validate(self) -> None:
-        """Refuse a bad combination of options before anything is built (one clear line each)."""
-        errors = []
-        sources = [s for s in ("dataset_name", "train_data_dir", "train_file") if getattr(self, s)]
-        if not sources:
-            errors.append("no training data: give --dataset PRESET, --dataset_name, --train_data_dir or --train_file")
-        listed = {name: [p.strip() for p in (getattr(self, name) or "").split(",") if p.strip()]
-                  for name in ("dataset_name", "train_data_dir", "validation_data_dir", "train_file", "validation_file")}
-        for name in ("train_data_dir", "validation_data_dir"):
-            errors += [f"--{name} {path} is not a folder" for path in listed[name] if not Path(path).is_dir()]
-        for name in ("train_file", "validation_file"):
-            errors += [f"--{name} {path} does not exist" for path in listed[name] if not Path(path).is_file()]
-        if self.source_weights:
-            count = len(listed["dataset_name"]) + len(listed["train_data_dir"]) + len(listed["train_file"])
-            try:
-                weights = [float(w) for w in self.source_weights.split(",") if w.strip()]
-            except ValueError:
-                weights = []
-            if not weights or len(weights) != count or min(weights) < 0 or sum(weights) <= 0:
-                errors.append(f"--source_weights {self.source_weights} needs {count} non-negative numbers, one per "
-                              "training source (Hub datasets, then folders, then manifests)")
-        if self.streaming and self.max_train_steps is None:
-            errors.append("--streaming needs --max_train_steps (a stream has no known epoch length)")
-        if self.shuffle_buffer_size < 1:
-            errors.append("--shuffle_buffer_size must be at least 1")
-        if not 0.0 < self.max_bad_fraction <= 1.0:
-            errors.append("--max_bad_fraction must lie in (0, 1]")
-        min_seconds = self.pad_multiple / self.sampling_rate
-        if self.segment_samples < self.pad_multiple or self.segment_seconds < min_seconds:
-            errors.append(f"--segment_seconds {self.segment_seconds} is shorter than the model's padding "
-                          f"multiple ({self.pad_multiple} samples = {min_seconds:.3f} s); use at least that")
-        if self.recipe not in RECIPES:
-            errors.append(f"--recipe {self.recipe} is not one of {', '.join(RECIPES)}")
-        if min(self.max_grad_norm or 0.0, self.disc_max_grad_norm or 0.0) < 0:
-            errors.append("--max_grad_norm and --disc_max_grad_norm must be positive, or 0 for no clipping")
-        if self.codebook_init_clips is not None and self.codebook_init_clips < 1:
-            errors.append("--codebook_init_clips must be at least 1")
-        if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            errors.append("--train_batch_size and --gradient_accumulation_steps must be at least 1")
-        if self.max_train_steps is not None and self.max_train_steps < 1:
-            errors.append("--max_train_steps must be at least 1")
-        if self.logging_steps < 1:
-            errors.append("--logging_steps must be at least 1 (the last update is always logged too)")
-        if self.max_nonfinite_steps < 1 or self.max_rollbacks < 0:
-            errors.append("--max_nonfinite_steps must be at least 1 and --max_rollbacks at least 0")
-        if not 0.0 < self.rollback_lr_factor <= 1.0:
-            errors.append("--rollback_lr_factor must lie in (0, 1]")
-        if self.freeze:
-            unknown = set(self.freeze.split(",")) - {"encoder", "quantizer", "decoder"}
-            if unknown:
-                errors.append(f"--freeze got {sorted(unknown)}; choose among encoder, quantizer, decoder")
-        if not 0.0 <= self.quantizer_dropout <= 1.0:
-            errors.append("--quantizer_dropout must lie in [0, 1]")
-        if self.dead_code_steps is not None and self.dead_code_steps < 0:
-            errors.append("--dead_code_steps must be 0 (off) or a number of optimizer steps")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            errors.append("--ema_decay must lie in (0, 1)")
-        compiled = [part.strip() for part in self.torch_compile_models.split(",") if part.strip()]
-        if not compiled or set(compiled) - {"generator", "discriminator"}:
-            errors.append(f"--torch_compile_models {self.torch_compile_models}: give generator, discriminator or "
-                          "generator,discriminator")
-        if self.torch_compile and self.torch_compile_backend not in _compile_backends():
-            errors.append(f"--torch_compile_backend {self.torch_compile_backend} is not one of "
-                          f"{', '.join(_compile_backends())}")
-        if self.report_to not in ("tensorboard", "wandb", "trackio", "all", "none"):
-            errors.append(f"--report_to {self.report_to} is not one of tensorboard, wandb, trackio, all, none")
-        if self.push_to_hub and not self.hub_model_id:
-            errors.append("--push_to_hub needs --hub_model_id USER/NAME")
-        if self.resume_from_checkpoint and self.resume_from_checkpoint != "latest":
-            folder = Path(self.resume_from_checkpoint)
-            if not folder.is_dir() or not any(folder.glob("model*.safetensors")):
-                errors.append(f"--resume_from_checkpoint {folder} is not a checkpoint folder (no model*.safetensors); "
-                              "give OUTPUT_DIR/checkpoints/checkpoint_N or 'latest'")
-        tracker_modules = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
-        for tracker in ([] if self.report_to in ("none", "all") else [self.report_to]):
-            if tracker in tracker_modules and importlib.util.find_spec(tracker_modules[tracker]) is None:
-                errors.append(f"--report_to {tracker} needs the '{tracker}' package: pip install {tracker} "
-                              "(or --report_to none)")
-        if errors:
-            raise ConfigError("; ".join(errors))
+        """Refuse a bad combination of options before anything is built (`option_checks`)."""
+        check_options(self)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -388,134 +236,3 @@ class TrainConfig:
     def save(self, path: str | os.PathLike) -> None:
         """Write the effective config (never the token) so a run can be repeated with --config."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-def _compile_backends() -> list[str]:
-    import torch._dynamo
-
-    return torch._dynamo.list_backends(exclude_tags=())
-
-
-class ConfigError(ValueError):
-    """A bad option or option combination, raised before any training starts."""
-
-
-# Spellings of the earlier SNAC training scripts. `--batch_size` is an argparse alias of
-# `--train_batch_size`; `--dataset_path` names either kind of source and is routed by `route_dataset_path`.
-LEGACY_OPTIONS = ("batch_size", "dataset_path")
-# Files that make a local folder a `datasets` dataset rather than a folder of audio files.
-DATASET_FOLDER_FILES = ("state.json", "dataset_dict.json", "dataset_info.json")
-DATASET_FOLDER_SUFFIXES = (".parquet", ".arrow")
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """The mapping a ``--config`` file holds; every problem is one `ConfigError` line naming the file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"--config {path} is a folder; give a YAML or JSON file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--config {path} is not UTF-8 text; give a YAML or JSON file") from None
-    except OSError as err:
-        raise ConfigError(f"--config {path} cannot be read: {err.strerror or err}") from None
-    try:
-        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--config {path} is not valid JSON: {err.msg} at line {err.lineno}, "
-                          f"column {err.colno}") from None
-    except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"--config {path} is not valid YAML: {problem}{where}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} must hold a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(LEGACY_OPTIONS)
-    unknown = sorted(str(key) for key in data if key not in known)
-    if unknown:
-        raise ConfigError(f"--config {path} has unknown options {unknown}; see --help for the names")
-    return data
-
-
-def config_file_arguments(path: str, data: dict[str, Any]) -> tuple[list[str], dict[str, None]]:
-    """A config file's values as CLI words, so that argparse checks their types and choices as it
-    checks the command line's; plus the options the file sets to null (argparse has no word for it)."""
-    optional = {name for name, hint in typing.get_type_hints(TrainConfig).items()
-                if type(None) in typing.get_args(hint)} | {"dataset_path"}
-    words, nulls = [], {}
-    for key, value in data.items():
-        if value is None:
-            if key not in optional:
-                raise ConfigError(f"--config {path}: {key} needs a value (null given)")
-            nulls[key] = None
-        elif isinstance(value, (dict, list)):
-            raise ConfigError(f"--config {path}: {key} takes one value, not a {type(value).__name__}")
-        else:
-            words.append(f"--{key}={str(value).lower() if isinstance(value, bool) else value}")
-    return words, nulls
-
-
-def route_dataset_path(value: str) -> tuple[str, str]:
-    """`--dataset_path` -> ('dataset_name' | 'train_data_dir', value).
-
-    A Hub id or a `datasets` folder (save_to_disk, parquet, arrow) goes to ``--dataset_name``; any
-    other local folder is taken as a folder of audio files (``--train_data_dir``).
-    """
-    folder = Path(value).expanduser()
-    if folder.is_dir():
-        tops = [folder, *(p for p in folder.iterdir() if p.is_dir())]
-        if any((top / name).is_file() for top in tops for name in DATASET_FOLDER_FILES) or any(
-                p.suffix in DATASET_FOLDER_SUFFIXES for p in folder.rglob("*")):
-            return "dataset_name", value
-        return "train_data_dir", value
-    looks_local = value.startswith(("/", ".", "~")) or value.count("/") > 1 or os.sep != "/" and os.sep in value
-    if folder.exists() or looks_local:
-        raise ConfigError(f"--dataset_path {value} is not a folder; give a folder of audio files, a saved "
-                          "dataset folder or a Hub dataset id")
-    return "dataset_name", value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI: every `TrainConfig` field, ``--config`` and the earlier scripts' ``--dataset_path``."""
-    from transformers import HfArgumentParser
-
-    class Parser(HfArgumentParser):
-        def error(self, message: str) -> None:  # argparse prints usage too; one line is clearer
-            raise ConfigError(f"{message} (see --help)")
-
-    parser = Parser(TrainConfig, description="Train a SNAC codec with accelerate.")
-    parser.add_argument("--config", default=None, help="YAML or JSON file of options; CLI options override it.")
-    parser.add_argument("--dataset_path", default=None,
-                        help="Alias of the earlier SNAC training scripts: a folder of audio files (as "
-                             "--train_data_dir), a saved or parquet dataset folder or a Hub id (as --dataset_name).")
-    return parser
-
-
-def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
-    """CLI -> TrainConfig. ``--config FILE`` (YAML or JSON) sets values that CLI options override."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    finder.add_argument("--config", default=None)
-    config_path = finder.parse_known_args(argv)[0].config
-    words: list[str] = []
-    if config_path:
-        data = load_config_file(config_path)
-        words, nulls = config_file_arguments(config_path, data)
-        try:
-            parser.parse_args(words)
-        except ConfigError as err:
-            raise ConfigError(f"--config {config_path}: {err}") from None
-        parser.set_defaults(**nulls)
-    namespace = vars(parser.parse_args(words + argv))
-    namespace.pop("config")
-    dataset_path = namespace.pop("dataset_path")
-    for entry in [p.strip() for p in (dataset_path or "").split(",") if p.strip()]:
-        option, value = route_dataset_path(entry)
-        namespace[option] = ",".join(filter(None, [namespace[option], value]))
-    config = TrainConfig(**namespace)
-    config.apply_dataset_preset()
-    config.validate()
-    return config

@@ -6,7 +6,8 @@ import logging
 import sys
 from typing import Optional
 
-from .config import ConfigError, parse_args
+from .arguments import parse_args
+from .config import ConfigError
 
 
 def main(argv: Optional[list[str]] = None) -> int:

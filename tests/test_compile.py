@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from snac import SNAC
 from torch._dynamo.utils import counters
 
-from snac_accel.config import ConfigError, parse_args
+from snac_accel.arguments import parse_args
+from snac_accel.config import ConfigError
 from snac_accel.model import build_generator, generator_from_pretrained
 from snac_accel.trainer import SnacTrainer
 from snac_accel.validation import Validator

@@ -9,7 +9,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from snac_accel.config import ConfigError, parse_args
+from snac_accel.arguments import parse_args
+from snac_accel.config import ConfigError
 
 DEMO = Path(__file__).resolve().parents[1] / "snac_accel" / "demo_data"
 

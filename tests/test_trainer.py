@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from snac_accel.config import ConfigError, parse_args
+from snac_accel.arguments import parse_args
+from snac_accel.config import ConfigError
 from snac_accel.checkpoints import list_checkpoints, resolve_resume_path
 from snac_accel.step import NonFiniteError
 from snac_accel.trainer import SnacTrainer
