@@ -1,6 +1,12 @@
 """snac-accel: train SNAC codecs with HuggingFace Accelerate."""
 
-from .config import TrainConfig
+import warnings
+
+# snac scripts its snake activation with torch.jit.script when imported, which torch now deprecates; the
+# trainer uses its own eager Snake (`model.Snake`), so the warning says nothing about this package's runs.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+
+from .config import TrainConfig  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["TrainConfig", "SnacTrainer", "train", "__version__"]

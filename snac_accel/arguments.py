@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
-import os
 import sys
 import typing
 from pathlib import Path
@@ -17,12 +17,45 @@ import yaml
 from .config import ConfigError, TrainConfig
 
 
-# Spellings of the earlier SNAC training scripts. `--batch_size` is an argparse alias of
-# `--train_batch_size`; `--dataset_path` names either kind of source and is routed by `route_dataset_path`.
+# Spellings of the earlier SNAC training scripts that are still taken. `--batch_size` is an argparse
+# alias of `--train_batch_size`; `--dataset_path` names either kind of source (`config.route_dataset_path`).
 LEGACY_OPTIONS = ("batch_size", "dataset_path")
-# Files that make a local folder a `datasets` dataset rather than a folder of audio files.
-DATASET_FOLDER_FILES = ("state.json", "dataset_dict.json", "dataset_info.json")
-DATASET_FOLDER_SUFFIXES = (".parquet", ".arrow")
+# Names of the earlier scripts (and of other trainers) that are refused, each with the option to use.
+RENAMED_OPTIONS = {
+    "num_epochs": "--num_train_epochs", "epochs": "--num_train_epochs",
+    "segment_length": "--segment_seconds (in seconds, not samples)", "segment_len": "--segment_seconds",
+    "sample_rate": "--preset (the sample rate comes with the architecture)", "sampling_rate": "--preset",
+    "lr": "--learning_rate", "disc_lr": "--disc_learning_rate", "weight_decay": "--adam_weight_decay",
+    "max_steps": "--max_train_steps", "num_steps": "--max_train_steps",
+    "save_every": "--checkpointing_steps", "save_steps": "--checkpointing_steps",
+    "checkpoint_every": "--checkpointing_steps", "eval_every": "--validation_steps",
+    "val_every": "--validation_steps", "eval_steps": "--validation_steps", "log_every": "--logging_steps",
+    "checkpoint_dir": "--output_dir", "save_dir": "--output_dir", "log_dir": "--logging_dir",
+    "resume": "--resume_from_checkpoint latest (or a checkpoint folder)",
+    "num_workers": "--dataloader_num_workers", "warmup_steps": "--lr_warmup_steps",
+    "grad_accum_steps": "--gradient_accumulation_steps", "accumulation_steps": "--gradient_accumulation_steps",
+    "val_dataset_path": "--validation_data_dir (a folder) or --validation_file", "use_ema": "--ema_decay 0.999",
+    "fp16": "--mixed_precision fp16", "bf16": "--mixed_precision bf16", "use_amp": "--mixed_precision bf16",
+    "device": "accelerate's launch options (the device follows the machine)",
+    "model_name": "--init_from", "pretrained": "--init_from",
+}
+
+NO_OPTION_HELP = {"export_use_ema": "Export the generator's own weights, not the EMA's, even when EMA is on."}
+
+
+def known_options() -> list[str]:
+    """Every option name the CLI and --config files take (without dashes)."""
+    return [f.name for f in dataclasses.fields(TrainConfig)] + list(LEGACY_OPTIONS) + ["config"]
+
+
+def unknown_option_message(name: str, where: str = "") -> str:
+    """One line for an unknown option: the earlier scripts' new name, or the closest known names."""
+    key = name.lstrip("-").split("=", 1)[0].replace("-", "_")
+    if key in RENAMED_OPTIONS:
+        return f"{where}--{key} is not an option here; use {RENAMED_OPTIONS[key]}"
+    close = difflib.get_close_matches(key, known_options(), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else "; see --help for the names"
+    return f"{where}unknown option --{key}{hint}"
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -49,10 +82,10 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path} is not valid YAML: {problem}{where}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path} must hold a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(LEGACY_OPTIONS)
+    known = set(known_options()) - {"config"}
     unknown = sorted(str(key) for key in data if key not in known)
     if unknown:
-        raise ConfigError(f"--config {path} has unknown options {unknown}; see --help for the names")
+        raise ConfigError("; ".join(unknown_option_message(key, f"--config {path}: ") for key in unknown))
     return data
 
 
@@ -74,24 +107,16 @@ def config_file_arguments(path: str, data: dict[str, Any]) -> tuple[list[str], d
     return words, nulls
 
 
-def route_dataset_path(value: str) -> tuple[str, str]:
-    """`--dataset_path` -> ('dataset_name' | 'train_data_dir', value).
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a default once: not when the help text already says what it is, nor when it is None."""
 
-    A Hub id or a `datasets` folder (save_to_disk, parquet, arrow) goes to ``--dataset_name``; any
-    other local folder is taken as a folder of audio files (``--train_data_dir``).
-    """
-    folder = Path(value).expanduser()
-    if folder.is_dir():
-        tops = [folder, *(p for p in folder.iterdir() if p.is_dir())]
-        if any((top / name).is_file() for top in tops for name in DATASET_FOLDER_FILES) or any(
-                p.suffix in DATASET_FOLDER_SUFFIXES for p in folder.rglob("*")):
-            return "dataset_name", value
-        return "train_data_dir", value
-    looks_local = value.startswith(("/", ".", "~")) or value.count("/") > 1 or os.sep != "/" and os.sep in value
-    if folder.exists() or looks_local:
-        raise ConfigError(f"--dataset_path {value} is not a folder; give a folder of audio files, a saved "
-                          "dataset folder or a Hub dataset id")
-    return "dataset_name", value
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if isinstance(action, argparse._StoreFalseAction):
+            return text
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
         def error(self, message: str) -> None:  # argparse prints usage too; one line is clearer
             raise ConfigError(f"{message} (see --help)")
 
-    parser = Parser(TrainConfig, description="Train a SNAC codec with accelerate.")
+        def parse_args(self, args: Optional[list[str]] = None, namespace: Any = None) -> argparse.Namespace:
+            parsed, unknown = self.parse_known_args(args, namespace)
+            options = [word for word in unknown if word.startswith("-")]
+            if options:
+                raise ConfigError("; ".join(unknown_option_message(word) for word in options))
+            if unknown:
+                self.error(f"unrecognized arguments: {' '.join(unknown)}")
+            return parsed
+
+    parser = Parser(TrainConfig, description="Train a SNAC codec with accelerate.", formatter_class=HelpFormatter)
+    for action in parser._actions:  # HfArgumentParser gives a `--no_X` the help text of `--X`
+        if isinstance(action, argparse._StoreFalseAction):
+            action.help = NO_OPTION_HELP.get(action.dest, f"Turn --{action.dest} off.")
     parser.add_argument("--config", default=None, help="YAML or JSON file of options; CLI options override it.")
     parser.add_argument("--dataset_path", default=None,
                         help="Alias of the earlier SNAC training scripts: a folder of audio files (as "
@@ -129,10 +166,7 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     namespace = vars(parser.parse_args(words + argv))
     namespace.pop("config")
     dataset_path = namespace.pop("dataset_path")
-    for entry in [p.strip() for p in (dataset_path or "").split(",") if p.strip()]:
-        option, value = route_dataset_path(entry)
-        namespace[option] = ",".join(filter(None, [namespace[option], value]))
-    config = TrainConfig(**namespace)
+    config = TrainConfig(**namespace, dataset_path=dataset_path)
     config.apply_dataset_preset()
     config.validate()
     return config

@@ -108,6 +108,8 @@ def model_card(model: SnacGenerator, info: dict[str, Any]) -> str:
              "## Training", "",
              f"- Steps: {info.get('steps', 'unknown')}",
              f"- Data: {info.get('training_data') or ', '.join(datasets) or 'unknown'}"]
+    if info.get("validation_data"):
+        lines.append(f"- Validation: {info['validation_data']}")
     if base_model:
         lines.append(f"- Initialised from: {base_model}")
     for event in info.get("rollbacks") or []:  # --on_divergence rollback

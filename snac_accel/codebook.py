@@ -77,12 +77,42 @@ def codebook_statistics(codes: Sequence[torch.Tensor], codebook_size: int, reduc
             for level in range(counts.shape[0]) for name in ("usage", "perplexity", "efficiency")}
 
 
-def collapse_warnings(usage: Sequence[float], codebook_size: int, where: str) -> list[str]:
-    """One line per level whose usage fell below `COLLAPSE_USAGE`, naming what to try."""
-    return [f"level {level} collapsed: it uses {share:.1%} of its {codebook_size} codes on {where}; its tokens "
-            "carry little information. Try --codebook_init kmeans (fresh models), a smaller --dead_code_steps, "
-            "a lower --learning_rate or a longer run"
-            for level, share in enumerate(usage) if share < COLLAPSE_USAGE]
+def attainable_usage(tokens: int, codebook_size: int) -> float:
+    """Share of a codebook that ``tokens`` codes drawn uniformly would reach: 1 - (1 - 1/K)^tokens.
+
+    Few validation frames cannot show many codes (48 coarse frames reach at most 17% of 256 codes),
+    so a level is judged against this, not against the whole codebook.
+    """
+    return 1.0 - (1.0 - 1.0 / codebook_size) ** tokens
+
+
+def collapse_advice(config: Optional[Any] = None, dead_code_steps: Optional[int] = None) -> str:
+    """What to try for a collapsed level, fitting the run's options (generic without them)."""
+    if config is None:
+        return ("retrain with dead-code restarts (--dead_code_steps), a lower --learning_rate or for longer; "
+                "or check that these files are like the training data")
+    tries = []
+    method = config.codebook_init or ("none" if config.init_from else "kmeans")
+    if method != "kmeans":
+        tries.append(f"--codebook_init kmeans (now {method})")
+    tries.append("dead-code restarts (--dead_code_steps N; now off)" if not dead_code_steps
+                 else f"a smaller --dead_code_steps (now {dead_code_steps})")
+    tries.append(f"a lower --learning_rate (now {config.learning_rate:g})")
+    return "try " + ", ".join(tries) + " or a longer run"
+
+
+def collapse_warnings(usage: Sequence[float], codebook_size: int, where: str, tokens: Sequence[int],
+                      advice: str = "") -> list[str]:
+    """One line per level whose usage is below `COLLAPSE_USAGE` of what its ``tokens`` could reach."""
+    advice = advice or collapse_advice()
+    lines = []
+    for level, (share, count) in enumerate(zip(usage, tokens)):
+        reachable = attainable_usage(int(count), codebook_size)
+        if share < COLLAPSE_USAGE * reachable:
+            lines.append(f"level {level} collapsed: it uses {share:.1%} of its {codebook_size} codes on {where}, "
+                         f"where {int(count)} tokens drawn evenly would reach {reachable:.0%}; its tokens carry "
+                         f"little information: {advice}")
+    return lines
 
 
 # ----------------------------------------------------------------------------- seeding

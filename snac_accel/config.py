@@ -21,6 +21,30 @@ from .presets import DATASET_PRESETS, DISCRIMINATOR_PRESETS, MODEL_PRESETS, RECI
 
 __all__ = ["TrainConfig", "ConfigError", "MODEL_PRESETS", "DISCRIMINATOR_PRESETS", "DATASET_PRESETS", "RECIPES"]
 
+# Files that make a local folder a `datasets` dataset rather than a folder of audio files.
+DATASET_FOLDER_FILES = ("state.json", "dataset_dict.json", "dataset_info.json")
+DATASET_FOLDER_SUFFIXES = (".parquet", ".arrow")
+
+
+def route_dataset_path(value: str) -> tuple[str, str]:
+    """`--dataset_path` -> ('dataset_name' | 'train_data_dir', value).
+
+    A Hub id or a `datasets` folder (save_to_disk, parquet, arrow) goes to ``--dataset_name``; any
+    other local folder is taken as a folder of audio files (``--train_data_dir``).
+    """
+    folder = Path(value).expanduser()
+    if folder.is_dir():
+        tops = [folder, *(p for p in folder.iterdir() if p.is_dir())]
+        if any((top / name).is_file() for top in tops for name in DATASET_FOLDER_FILES) or any(
+                p.suffix in DATASET_FOLDER_SUFFIXES for p in folder.rglob("*")):
+            return "dataset_name", value
+        return "train_data_dir", value
+    looks_local = value.startswith(("/", ".", "~")) or value.count("/") > 1 or os.sep != "/" and os.sep in value
+    if folder.exists() or looks_local:
+        raise ConfigError(f"--dataset_path {value} is not a folder; give a folder of audio files, a saved "
+                          "dataset folder or a Hub dataset id")
+    return "dataset_name", value
+
 
 def _choice(help_text: str, default: Any, choices: Optional[list] = None, aliases: Optional[list[str]] = None,
             **kwargs: Any) -> Any:
@@ -82,6 +106,9 @@ class TrainConfig:
                                                None)
     validation_seconds: float = _choice("Length of a validation excerpt in seconds.", 2.0)
     max_validation_clips: int = _choice("Validation clips used at most.", 16)
+    validation_split: float = _choice(
+        "Without validation data: the share of the training clips held out for validation (at least 1 clip, at "
+        "most --max_validation_clips; never trained on). 0 turns it off.", 0.02)
     short_clips: str = _choice("What to do with clips shorter than a segment.", "pad", ["pad", "skip"])
     salience_threshold: float = _choice("Retry an excerpt quieter than this (LUFS).", -40.0)
     salience_retries: int = _choice("Attempts at finding a salient excerpt.", 4)
@@ -169,7 +196,19 @@ class TrainConfig:
     hub_token: Optional[str] = _choice("Hub token (default: HF_TOKEN or the login cache).", None, repr=False)
     hub_private: bool = _choice("Create the Hub repository private.", False)
 
-    def __post_init__(self) -> None:
+    # The earlier SNAC training scripts' names, taken in Python as on the CLI (not stored: see route_dataset_path).
+    dataset_path: dataclasses.InitVar[Optional[str]] = None
+    batch_size: dataclasses.InitVar[Optional[int]] = None
+
+    def __post_init__(self, dataset_path: Optional[str], batch_size: Optional[int]) -> None:
+        if batch_size is not None:
+            if self.train_batch_size not in (None, batch_size):
+                raise ConfigError(f"batch_size {batch_size} and train_batch_size {self.train_batch_size} disagree; "
+                                  "give one of them")
+            self.train_batch_size = batch_size
+        for entry in [p.strip() for p in (dataset_path or "").split(",") if p.strip()]:
+            option, value = route_dataset_path(entry)
+            setattr(self, option, ",".join(filter(None, [getattr(self, option), value])))
         self.apply_recipe()
 
     def apply_recipe(self) -> None:

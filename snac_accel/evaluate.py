@@ -225,7 +225,8 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
                        "used_codes": int((counts[level] > 0).sum()), "usage": float(stats["usage"][level]),
                        "entropy_bits": entropy, "perplexity": 2 ** entropy,
                        "efficiency": float(stats["efficiency"][level])})
-    for line in collapse_warnings([lv["usage"] for lv in levels], size, f"these {len(files)} files"):
+    for line in collapse_warnings([lv["usage"] for lv in levels], size, f"these {len(files)} files",
+                                  [lv["tokens"] for lv in levels]):
         logger.warning(line)
     entropy_bound = sum(lv["tokens_per_second"] * lv["entropy_bits"] for lv in levels)
     result = {

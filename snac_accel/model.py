@@ -166,9 +166,22 @@ def resolve_pretrained_folder(path_or_repo: str, revision: Optional[str] = None)
     if os.path.isdir(path_or_repo):
         return Path(path_or_repo)
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
-    return Path(snapshot_download(path_or_repo, revision=revision,
-                                  allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"]))
+    looks_local = path_or_repo.startswith(("/", ".", "~")) or path_or_repo.count("/") > 1
+    if looks_local:
+        raise FileNotFoundError(f"{path_or_repo} is not a folder (nor a Hub id); give a SNAC model folder")
+    try:
+        return Path(snapshot_download(path_or_repo, revision=revision,
+                                      allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"]))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{path_or_repo} is not a local folder and the Hub cannot be reached (offline, and not in the cache): "
+            f"download it where the Hub is reachable (hf download {path_or_repo} --local-dir DIR) and give DIR"
+        ) from None
+    except (HfHubHTTPError, HFValidationError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"{path_or_repo} is not a local folder and the Hub refused it: {first}") from None
 
 
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:

@@ -34,6 +34,10 @@ def check_options(config: Any) -> None:
         if not weights or len(weights) != count or min(weights) < 0 or sum(weights) <= 0:
             errors.append(f"--source_weights {config.source_weights} needs {count} non-negative numbers, one per "
                           "training source (Hub datasets, then folders, then manifests)")
+    if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
+        errors.append(f"--output_dir {config.output_dir} is a file; give a folder (new or of an earlier run)")
+    if not 0.0 <= config.validation_split < 0.5:
+        errors.append("--validation_split must lie in [0, 0.5) (0: no clips held out)")
     if config.streaming and config.max_train_steps is None:
         errors.append("--streaming needs --max_train_steps (a stream has no known epoch length)")
     if config.shuffle_buffer_size < 1:

@@ -7,10 +7,12 @@ spent waiting for data, and seconds of audio trained on per second (all processe
 from __future__ import annotations
 
 import time
+from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -22,6 +24,22 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def start_summary(config: Any, train_clips: Optional[int], validation_clips: int, validation_words: str,
+                  max_steps: int, processes: int, parameters: int) -> str:
+    """The run in one line at its start: data, model, recipe, batch, length, GAN start, output."""
+    per_update = config.train_batch_size * processes * config.gradient_accumulation_steps
+    clips = "a stream" if train_clips is None else f"{train_clips} clips"
+    model = config.init_from or config.preset
+    disc = "from step 0" if not config.disc_start else f"from step {config.disc_start}"
+    if config.disc_start and config.disc_start >= max_steps:
+        disc = f"off (--disc_start {config.disc_start} >= {max_steps} steps)"
+    return (f"training {model} ({parameters / 1e6:.2f}M parameters) on {clips}, validating on "
+            f"{validation_clips} clips{f': {validation_words}' if validation_words else ''}; recipe {config.recipe}: "
+            f"lr {config.learning_rate:g}, {config.train_batch_size} x {config.segment_seconds:g} s per process x "
+            f"{processes} process(es) x {config.gradient_accumulation_steps} accumulation = {per_update} excerpts "
+            f"per update; {max_steps} updates, discriminators {disc}; writing {config.output_dir}")
+
+
 class Progress:
     """The progress bar (local main process only) and the current logging window."""
 
@@ -29,6 +47,9 @@ class Progress:
         self.accelerator, self.seconds_per_batch = accelerator, seconds_per_batch
         self.bar = tqdm(total=total, initial=initial, disable=not accelerator.is_local_main_process, desc="training",
                         dynamic_ncols=True)
+        # Log lines go above the bar (through tqdm.write), not into it.
+        self._redirect = logging_redirect_tqdm()
+        self._redirect.__enter__()
         self._new_window()
 
     def _new_window(self) -> None:
@@ -54,4 +75,5 @@ class Progress:
         self._new_window()
 
     def close(self) -> None:
+        self._redirect.__exit__(None, None, None)
         self.bar.close()

@@ -31,7 +31,7 @@ from .config import ConfigError, TrainConfig
 logger = get_logger(__name__)
 
 ARCHITECTURE = ("preset", "init_from", "model_noise", "discriminator_preset", "freeze")
-CONTINUITY = ("seed", "lr_scheduler", "lr_warmup_steps", "streaming")
+CONTINUITY = ("seed", "lr_scheduler", "lr_warmup_steps", "streaming", "validation_split")
 OPTIMIZER = ("learning_rate", "disc_learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
              "lr_gamma")
 # Where the run writes and how it reports: never worth a line.

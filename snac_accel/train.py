@@ -33,7 +33,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: abort at once, the last checkpoint stays as it was
         sys.stderr.write("interrupted: the last checkpoint is intact\n")
         return 130
-    logging.getLogger("snac_accel").info(f"done: {final}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        logging.getLogger("snac_accel").info(f"done: {final}")
     return 0
 
 

@@ -25,7 +25,7 @@ from . import checkpoints
 from . import data as data_lib
 from .card import describe_training_data
 from .checkpoints import MODELS, TrainState, list_checkpoints
-from .codebook import DeadCodeRestarter, default_dead_code_steps, seed_run_codebooks
+from .codebook import DeadCodeRestarter, collapse_advice, default_dead_code_steps, seed_run_codebooks
 from .compile import compile_models, eager, refuse_accelerate_dynamo
 from .config import ConfigError, TrainConfig
 from .control import RunControl
@@ -35,7 +35,7 @@ from .hub import HubTokenError, push_to_hub
 from .lock import lock_output_dir
 from .losses import DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarialLoss, MultiScaleMelLoss
 from .model import SnacGenerator, build_generator, freeze, generator_from_pretrained
-from .progress import Progress
+from .progress import Progress, start_summary
 from .resume import apply_optimizer_options, log_changes, resume_plan, run_record, scale_learning_rate
 from .step import GanStep, NonFiniteError, build_optimizers, build_scheduler
 from .validation import Validator
@@ -122,7 +122,8 @@ class SnacTrainer:
                            self.sched_g, self.sched_d, self.scalers, self.ema, self.restarter, self.mel_loss,
                            self.disc_loss, self.adv_loss, self.fm_loss, self.codebook_size)
         self.validator = None if self.val_batch is None else Validator(
-            self.val_batch, acc, self.mel_loss, config.sampling_rate, self.codebook_size, config.seed)
+            self.val_batch, acc, self.mel_loss, config.sampling_rate, self.codebook_size, config.seed,
+            collapse_advice(config, self.dead_code_steps))
         self.bad_tracker = data_lib.BadFileTracker(max_fraction=config.max_bad_fraction)
         self._last_saved: Optional[tuple[int, int]] = None  # (step, best step) of the last checkpoint written
 
@@ -145,18 +146,23 @@ class SnacTrainer:
 
     def _build_data(self) -> None:
         acc = self.accelerator
+        self.sources = data_lib.run_sources(self.config, acc.num_processes)
         self.data = data_lib.training_data(self.config, acc.process_index, acc.num_processes,
-                                           pin_memory=acc.device.type == "cuda")
+                                           pin_memory=acc.device.type == "cuda", sources=self.sources.train)
         self.train_loader, self.sampler, self.train_clips = self.data.loader, self.data.sampler, self.data.clips
         self.max_steps = self.data.max_steps
         if self.config.streaming:  # its position (rows read per loader worker) goes into checkpoints
             acc.register_for_checkpointing(self.train_loader)
-        self.val_batch = data_lib.validation_batch(self.config)
+        self.val_batch = data_lib.validation_batch(self.config, self.sources.validation)
 
     def _build_models(self) -> None:
         config = self.config
         if config.init_from:
-            self.generator = generator_from_pretrained(config.init_from, config.quantizer_dropout, config.model_noise)
+            try:
+                self.generator = generator_from_pretrained(config.init_from, config.quantizer_dropout,
+                                                           config.model_noise)
+            except FileNotFoundError as err:
+                raise ConfigError(f"--init_from {err}") from None
         else:
             self.generator = build_generator(config.model_config, config.quantizer_dropout)
         if self.generator.sampling_rate != config.sampling_rate:
@@ -318,7 +324,9 @@ class SnacTrainer:
         if self.accelerator.is_main_process:
             config = self.config
             datasets, words = describe_training_data(config)
+            held = self.sources.held_out
             info = dict(steps=self.state.step, metrics=metrics, datasets=datasets, training_data=words,
+                        validation_data=held.description if held is not None and held.count else None,
                         rollbacks=self.state.extra.get("rollbacks"),
                         base_model=config.init_from, repo_id=config.hub_model_id, name=Path(config.output_dir).name)
             example = self.val_batch[:1].float().cpu() if self.val_batch is not None else None
@@ -358,8 +366,18 @@ class SnacTrainer:
             self._last_saved = (self.state.step, self.state.best_step)
         self.state.extra["run_config"] = run_record(config)  # what a later resume compares its options with
         self._seed_codebooks()
+        logger.info(self._summary(), main_process_only=True)
         acc.init_trackers(config.tracker_project_name, config={k: v for k, v in config.to_dict().items()
                                                               if isinstance(v, (int, float, str, bool))})
+
+    def _summary(self) -> str:
+        held = self.sources.held_out
+        if held is not None and held.count == 0:
+            logger.warning(held.description, main_process_only=True)
+        words = held.description if held is not None and held.count else ""
+        return start_summary(self.config, None if self.train_clips is None else len(self.train_clips),
+                             0 if self.val_batch is None else len(self.val_batch), words, self.max_steps,
+                             self.accelerator.num_processes, sum(p.numel() for p in self.generator.parameters()))
 
     def _train(self) -> None:
         """The loop. A batch is one micro-batch; after each optimizer update: log, validate, checkpoint, stop?

@@ -24,10 +24,11 @@ class Validator:
     """Metrics of a generator on the fixed validation clips [N, 1, T], as ``val/*`` tracker keys."""
 
     def __init__(self, clips: torch.Tensor, accelerator: Accelerator, mel_loss: MultiScaleMelLoss, sample_rate: int,
-                 codebook_size: int, seed: int) -> None:
+                 codebook_size: int, seed: int, advice: str = "") -> None:
         self.clips, self.accelerator, self.mel_loss = clips, accelerator, mel_loss
         self.stft_loss = MultiScaleSTFTLoss().to(accelerator.device)
         self.sample_rate, self.codebook_size, self.seed = sample_rate, codebook_size, seed
+        self.advice = advice  # what to try when a level collapses (`codebook.collapse_advice`)
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
@@ -46,12 +47,14 @@ class Validator:
             "val/stft_distance": self.stft_loss(fake, real).item(),
             "val/si_sdr": si_sdr(fake, real).mean().item(),
         }
-        health = histogram_statistics(code_counts(codes, self.codebook_size))
+        counts = code_counts(codes, self.codebook_size)
+        health = histogram_statistics(counts)
         usage, efficiency = health["usage"].tolist(), health["efficiency"].tolist()
         for level, (level_usage, level_efficiency) in enumerate(zip(usage, efficiency)):
             metrics[f"val/codebook_usage_level{level}"] = level_usage
             metrics[f"val/codebook_efficiency_level{level}"] = level_efficiency
-        for line in collapse_warnings(usage, self.codebook_size, "the validation clips"):
+        tokens = counts.sum(-1).tolist()
+        for line in collapse_warnings(usage, self.codebook_size, "the validation clips", tokens, self.advice):
             logger.warning(f"step {step}: {line}", main_process_only=True)
         if self.accelerator.is_main_process:
             self._log_media(real, fake, usage, efficiency, step)

@@ -7,10 +7,13 @@ import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 
-from snac_accel.codebook import collapse_warnings, histogram_statistics, kmeans, seed_codebooks
+from snac_accel.codebook import (attainable_usage, collapse_advice, collapse_warnings, histogram_statistics, kmeans,
+                                 seed_codebooks)
 from snac_accel.config import MODEL_PRESETS
 from snac_accel.data import AudioClips, ExcerptSpec, files_dataset, list_audio_files
 from snac_accel.model import SnacGenerator, build_generator
+
+from .conftest import tiny_config
 
 TINY = {**MODEL_PRESETS["tiny"], "noise": False}
 
@@ -123,8 +126,24 @@ def test_health_figures_and_collapse_warning_from_a_known_histogram():
     torch.testing.assert_close(stats["entropy_bits"], torch.tensor([7.0, 0.0]))
     torch.testing.assert_close(stats["efficiency"], torch.tensor([7 / 8, 0.0]))
     torch.testing.assert_close(stats["perplexity"], torch.tensor([128.0, 1.0]))
-    lines = collapse_warnings(stats["usage"].tolist(), 256, "the validation clips")
+    lines = collapse_warnings(stats["usage"].tolist(), 256, "the validation clips", counts.sum(-1).tolist())
     assert len(lines) == 1 and lines[0].startswith("level 1 collapsed") and "--dead_code_steps" in lines[0]
+
+
+def test_collapse_is_judged_against_what_the_validation_frames_allow():
+    # 2 clips of 2 s at the tiny preset: 48 coarse frames, which reach at most 17% of 256 codes evenly used.
+    assert abs(attainable_usage(48, 256) - (1 - (255 / 256) ** 48)) < 1e-12
+    few = torch.zeros(1, 256)
+    few[0, :12] = 4.0  # 12 codes of 256 (4.7%): under the old 10% rule "collapsed", yet 28% of what 48 tokens reach
+    assert collapse_warnings([float((few > 0).float().mean())], 256, "v", [48]) == []
+    one = torch.zeros(1, 256)
+    one[0, 0] = 48.0  # one code for all 48 frames: collapsed
+    assert len(collapse_warnings([1 / 256], 256, "v", [48])) == 1
+    # The advice fits the options: kmeans is the default, so it is not advised again; restarts off are named.
+    config = tiny_config("unused", dead_code_steps=0)
+    advice = collapse_advice(config, 0)
+    assert "--codebook_init" not in advice and "now off" in advice and f"{config.learning_rate:g}" in advice
+    assert "--codebook_init kmeans (now none)" in collapse_advice(tiny_config("unused", codebook_init="none"), 10)
 
 
 def test_init_from_weights_are_untouched_by_fresh_init_and_seeding(tmp_path):

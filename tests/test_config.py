@@ -22,7 +22,7 @@ CONFIG_FILES = {
     "malformed.json": ('{"preset": "tiny",}', "is not valid JSON: Expecting property name enclosed in double quotes "
                                                "at line 1, column 19"),
     "list.yaml": ("- preset\n- tiny\n", "must hold a mapping of option names to values"),
-    "unknown.yaml": ("presett: tiny\n", "has unknown options ['presett']"),
+    "unknown.yaml": ("presett: tiny\n", "unknown option --presett; did you mean --preset?"),
     "type.yaml": ("train_batch_size: four\n", "invalid int value: 'four'"),
     "float_for_int.json": ('{"max_train_steps": 2.5}', "invalid int value: '2.5'"),
     "two_values.yaml": ("train_batch_size: [4, 8]\n", "train_batch_size takes one value, not a list"),

@@ -4,6 +4,7 @@
 - `clips`: decoding (torchcodec through ``datasets.Audio``), salient excerpts, loudness, broken files.
 - `loaders`: the epoch sampler, the DataLoader, a source's first check.
 - `streaming`: ``--streaming`` sources split by process, and their checkpointed position.
+- `holdout`: a validation set held out of the training data when a run names none.
 - `training`: what a training run reads, built from its config.
 
 Every public name is re-exported here: ``from snac_accel.data import X`` works for all of them.
@@ -17,7 +18,10 @@ from .sources import (AUDIO_EXTENSIONS, MAX_LOCAL_SHARDS, DataError, audio_colum
                       files_dataset, list_audio_files, load_hub_dataset, load_sources, read_manifest, source_weights,
                       split_option)
 from .streaming import StreamingClips, StreamingLoader, check_stream, mix_streams
-from .training import TrainingData, seeding_excerpts, train_spec, training_data, validation_batch, validation_spec
+from .holdout import HeldOut, choose_held_out, split_sources
+from .loaders import probe_rows
+from .training import (RunSources, TrainingData, run_sources, seeding_excerpts, train_spec, training_data,
+                       validation_batch, validation_spec)
 
 __all__ = [
     "AUDIO_EXTENSIONS", "MAX_LOCAL_SHARDS", "DataError", "audio_column", "audio_dataset_from_files", "files_dataset",
@@ -27,5 +31,6 @@ __all__ = [
     "normalize_loudness", "row_name", "sample_seed",
     "EpochBatchSampler", "check_source", "collate_clips", "default_num_workers", "make_loader",
     "StreamingClips", "StreamingLoader", "check_stream", "mix_streams",
+    "HeldOut", "choose_held_out", "split_sources", "probe_rows", "RunSources", "run_sources",
     "TrainingData", "seeding_excerpts", "train_spec", "training_data", "validation_batch", "validation_spec",
 ]

@@ -40,6 +40,7 @@ def sample_seed(*parts: int | str) -> int:
 class Clip:
     audio: Optional[torch.Tensor]  # [1, T] float32, or None when the file was unusable
     problem: str = ""
+    content: int = 0  # samples of T that came from the file (the rest is padding)
 
 
 def _biquad_response(b: Sequence[float], a: Sequence[float], bins: int, n_fft: int) -> torch.Tensor:
@@ -165,13 +166,14 @@ def make_excerpt(decoder: Any, spec: ExcerptSpec, generator: Optional[torch.Gene
         if spec.salience_threshold is None or value >= spec.salience_threshold:
             break
     audio = best
+    content = audio.shape[-1]
     if audio.abs().max() < SILENCE_PEAK:
         return Clip(None, "silent")
     if audio.shape[-1] < spec.length:
         if spec.short_clips == "skip":
             return Clip(None, f"shorter than a segment ({audio.shape[-1]} < {spec.length} samples)")
         audio = torch.nn.functional.pad(audio, (0, spec.length - audio.shape[-1]))
-    return Clip(normalize_loudness(audio, spec.sample_rate, spec.target_loudness, best_loudness))
+    return Clip(normalize_loudness(audio, spec.sample_rate, spec.target_loudness, best_loudness), content=content)
 
 
 def decode_problem(err: Exception) -> str:

@@ -13,8 +13,12 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from accelerate.logging import get_logger
+
 from .clips import AudioClips, sample_seed
 from .sources import DataError
+
+logger = get_logger(__name__)
 
 
 def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -84,25 +88,40 @@ def make_loader(clips: torch.utils.data.Dataset, batch_sampler: Optional[Sampler
     return DataLoader(clips, batch_size=batch_size, shuffle=False, **kwargs)
 
 
-def check_source(clips: AudioClips, name: str, probes: int = 16) -> None:
-    """Refuse a source with no usable clip before training starts, naming why the probes failed.
+def probe_rows(length: int, probes: int) -> list[int]:
+    """Rows probed in a source of ``length`` rows: all of a small one, else ``probes`` spread evenly."""
+    if length <= probes:
+        return list(range(length))
+    return sorted({round(i * (length - 1) / (probes - 1)) for i in range(probes)})
 
-    Each source of a mix is probed on its own, at rows spread over it.
+
+def check_source(clips: AudioClips, name: str, probes: int = 16) -> None:
+    """Refuse a source with no usable clip before training starts, naming why the probes failed;
+    warn when the probed clips are mostly shorter than an excerpt (it would be mostly padding).
+
+    Each source of a mix is probed on its own: every row of a small source, else rows spread over it.
     """
     if len(clips) == 0:
         raise DataError(f"the {name} data is empty")
+    length_needed = clips.spec.length
     for source, length in enumerate(clips.lengths):
         if length == 0:
             raise DataError(f"the {name} source {clips.names[source]} is empty")
-        rows = sorted({round(i * (length - 1) / max(1, probes - 1)) for i in range(min(probes, length))})
-        problems = []
-        for row in rows:
+        problems, contents = [], []
+        for row in probe_rows(length, probes):
             clip = clips.load_row(source, row, None)
-            if clip.audio is not None:
-                break
-            problems.append(f"{clips.describe(source, row)}: {clip.problem}")
-        else:
+            if clip.audio is None:
+                problems.append(f"{clips.describe(source, row)}: {clip.problem}")
+            else:
+                contents.append(clip.content)
+        if not contents:
             raise DataError(f"the {name} source {clips.names[source]} has no usable clip among {len(problems)} "
                             "probed: " + "; ".join(problems[:3]))
-
-
+        if clips.spec.short_clips == "pad" and sum(contents) < 0.5 * len(contents) * length_needed:
+            rate = clips.spec.sample_rate
+            logger.warning(f"the {name} clips of {clips.names[source]} are shorter than an excerpt "
+                           f"({length_needed / rate:.2f} s): the {len(contents)} probed hold "
+                           f"{sum(contents) / len(contents) / rate:.2f} s on average (longest "
+                           f"{max(contents) / rate:.2f} s), so excerpts are mostly zero padding; use a shorter "
+                           "--segment_seconds (training) or --validation_seconds (validation)",
+                           main_process_only=True)

@@ -16,6 +16,7 @@ import torch
 
 from ..config import ConfigError
 from .clips import AudioClips, ExcerptSpec, excerpt_from_row
+from .holdout import HeldOut, split_sources
 from .loaders import EpochBatchSampler, check_source, collate_clips, default_num_workers, make_loader
 from .sources import audio_column, load_sources, source_weights
 from .streaming import StreamingClips, StreamingLoader, check_stream, mix_streams
@@ -34,9 +35,29 @@ def validation_spec(config: Any) -> ExcerptSpec:
                        target_loudness=config.target_loudness)
 
 
-def validation_batch(config: Any) -> Optional[torch.Tensor]:
+@dataclass
+class RunSources:
+    """The training and validation sources of a run; ``held_out`` says what was held out of training."""
+
+    train: list[tuple[str, Any]]
+    validation: list[tuple[str, Any]]
+    held_out: Optional[HeldOut] = None
+
+
+def run_sources(config: Any, world_size: int = 1) -> RunSources:
+    """The run's sources; without validation data (and not streaming), a few training clips are held out."""
+    train, validation = load_sources(config, "train"), load_sources(config, "validation")
+    if validation or config.streaming or not train:
+        return RunSources(train, validation)
+    fraction = getattr(config, "validation_split", 0.0)
+    train, validation, held = split_sources(train, fraction, config.max_validation_clips,
+                                            config.train_batch_size * world_size, config.seed)
+    return RunSources(train, validation, held)
+
+
+def validation_batch(config: Any, sources: Optional[list[tuple[str, Any]]] = None) -> Optional[torch.Tensor]:
     """The fixed validation clips [N, 1, T] (the first usable ones of every source), or None."""
-    sources = load_sources(config, "validation")
+    sources = load_sources(config, "validation") if sources is None else sources
     if not sources:
         return None
     spec = validation_spec(config)
@@ -67,9 +88,10 @@ class TrainingData:
     max_steps: int
 
 
-def training_data(config: Any, rank: int, world_size: int, pin_memory: bool) -> TrainingData:
+def training_data(config: Any, rank: int, world_size: int, pin_memory: bool,
+                  sources: Optional[list[tuple[str, Any]]] = None) -> TrainingData:
     """The training loader of process ``rank``; refuses, before training, data that cannot fill a batch."""
-    sources = load_sources(config, "train")
+    sources = load_sources(config, "train") if sources is None else sources
     if not sources:
         raise ConfigError("no training data source: give --dataset, --dataset_name, --train_data_dir or --train_file")
     names, train_sets = (list(x) for x in zip(*sources))
