@@ -9,13 +9,17 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 from .config import TrainConfig  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["TrainConfig", "SnacTrainer", "train", "__version__"]
+__all__ = ["TrainConfig", "SnacTrainer", "train", "create_training_config", "train_main", "__version__"]
 
 
 def __getattr__(name: str):
     # The trainer pulls in torch, datasets and accelerate: import it only when asked for.
-    if name in ("SnacTrainer", "train"):
+    if name in ("SnacTrainer", "train", "train_main"):
         from . import trainer
 
         return getattr(trainer, name)
+    if name == "create_training_config":  # the earlier SNAC training scripts' names
+        from .arguments import create_training_config
+
+        return create_training_config
     raise AttributeError(name)

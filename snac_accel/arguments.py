@@ -170,3 +170,19 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     config.apply_dataset_preset()
     config.validate()
     return config
+
+
+def create_training_config(**options: Any) -> TrainConfig:
+    """A checked `TrainConfig` from keyword options, under the earlier SNAC training scripts' name.
+
+    Takes every CLI option name plus the earlier ``dataset_path`` and ``batch_size``; another earlier
+    name (``num_epochs``, ``segment_length``...) is refused in one line naming the option to use.
+    """
+    known = set(known_options()) - {"config"}
+    unknown = [name for name in options if name not in known]
+    if unknown:
+        raise ConfigError("; ".join(unknown_option_message(name) for name in unknown))
+    config = TrainConfig(**options)
+    config.apply_dataset_preset()
+    config.validate()
+    return config

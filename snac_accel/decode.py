@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -112,6 +113,14 @@ def check(model: torch.nn.Module, info: dict[str, Any], rows: list[dict[str, Any
             "code_agreement": same / total if total else None, "files": files}
 
 
+def output_names(rows: list[dict[str, Any]]) -> list[str]:
+    """A WAV name per row, after its source file (``speech_01.wav``); rows of one source (chunks of a
+    long file, or Hub rows without a file name) get their row index too (``speech_01_000003.wav``)."""
+    stems = [re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(row["id"])).stem).strip("._") or "row" for row in rows]
+    return [f"{stem}.wav" if stems.count(stem) == 1 else f"{stem}_{row['index']:06d}.wav"
+            for stem, row in zip(stems, rows)]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -126,8 +135,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         dataset = codes_lib.load_codes(args.codes_dir)
         wanted = min(len(dataset), max(args.rows, args.check))
         rows = [dataset[i] for i in range(wanted)]
-        for row in rows[:args.rows]:
-            path = write_wav(Path(args.output_dir) / f"{row['index']:06d}.wav", decode_row(model, row, info, args.seed),
+        names = output_names(rows[:args.rows])
+        for row, name in zip(rows[:args.rows], names):
+            path = write_wav(Path(args.output_dir) / name, decode_row(model, row, info, args.seed),
                              info["codec"]["sample_rate"])
             sys.stdout.write(f"{path}  ({row['id']}, {row['duration']:.2f} s)\n")
         if args.check > 0:

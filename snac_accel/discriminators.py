@@ -130,3 +130,14 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> list[FeatureMaps]:
         x = self.preprocess(x)
         return [d(x) for d in self.discriminators]
+
+
+class MultiPeriodDiscriminator(Discriminator):
+    """The period discriminators alone (HiFi-GAN's MPD), under the earlier SNAC training scripts' name.
+
+    The trainer uses `Discriminator` (these plus the banded STFT discriminators, as DAC); this alias
+    keeps code written for the earlier scripts working.
+    """
+
+    def __init__(self, periods: Sequence[int] = (2, 3, 5, 7, 11), channels: int = 32, max_channels: int = 1024) -> None:
+        super().__init__(periods, channels, max_channels, stft_windows=())

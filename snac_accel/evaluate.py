@@ -333,7 +333,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--use_ema", action="store_true", help="with a training checkpoint: its EMA weights")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_json", default="eval_results.json", help="where the full results go")
+    parser.add_argument("--output_json", default=None,
+                        help="write the full results (per file, per level) to this JSON file; without it, none")
     return parser.parse_args(argv)
 
 
@@ -355,11 +356,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stderr.write(f"error: {type(err).__name__}: {err}\n")
         return 1
     result = {"model": args.model, "data": args.data, **result}
-    output = Path(args.output_json)
-    if output.parent != Path(""):
+    sys.stdout.write(format_table(result) + "\n")
+    if args.output_json:
+        output = Path(args.output_json)
         output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    sys.stdout.write(format_table(result) + f"\n\nfull results: {os.fspath(output)}\n")
+        output.write_text(json.dumps(result, indent=2) + "\n")
+        sys.stdout.write(f"\nfull results: {os.fspath(output)}\n")
     return 0
 
 

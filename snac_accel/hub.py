@@ -40,6 +40,14 @@ class HubTokenError(PermissionError):
     """No Hugging Face token: the push cannot happen, the local export stays."""
 
 
+def readable_by_all(path: Path) -> None:
+    """Give a file the mode a plain write gets (0644 under the usual umask): safetensors writes 0600,
+    which hides an export from the other users of a shared machine or serving account."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def save_pretrained(model: SnacGenerator, folder: str | os.PathLike, card: Optional[str] = None) -> Path:
     """Write config.json, model.safetensors and pytorch_model.bin (plus README.md when given)."""
     folder = Path(folder)
@@ -48,6 +56,7 @@ def save_pretrained(model: SnacGenerator, folder: str | os.PathLike, card: Optio
     (folder / "config.json").write_text(json.dumps(model.config, indent=2) + "\n")
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     torch.save(state, folder / "pytorch_model.bin")
+    readable_by_all(folder / "model.safetensors")
     if card is not None:
         (folder / "README.md").write_text(card)
     return folder

@@ -243,3 +243,9 @@ class FeatureMatchingLoss(nn.Module):
             for r_map, f_map in zip(r[:-1], f[:-1]):
                 loss = loss + F.l1_loss(f_map.float(), r_map.detach().float())
         return loss
+
+
+def mel_spectrogram_loss(fake: torch.Tensor, real: torch.Tensor, sample_rate: int = 24000) -> torch.Tensor:
+    """`MultiScaleMelLoss` as one call, under the earlier SNAC training scripts' name (its weight, 15 in
+    DAC's recipe, is applied by the caller). Builds the filterbanks each call: use the module in a loop."""
+    return MultiScaleMelLoss(sample_rate).to(fake.device)(fake, real)

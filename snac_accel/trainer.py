@@ -444,3 +444,11 @@ def train(config: TrainConfig) -> Path:
     config.apply_dataset_preset()
     config.validate()
     return SnacTrainer(config).fit()
+
+
+def train_main(config: Optional[TrainConfig] = None, **options: Any) -> Path:
+    """`train` under the earlier SNAC training scripts' name: a `TrainConfig`, or keyword options as
+    `create_training_config` takes them; returns the exported folder."""
+    from .arguments import create_training_config
+
+    return train(config if config is not None else create_training_config(**options))

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +140,20 @@ def test_output_loads_with_datasets_and_the_card_records_the_codec(one_process, 
         assert text in card, text
     info = codes_lib.read_info(one_process)
     assert info["summary"]["complete"] and info["codec"]["sha256"] == sha
+
+
+def test_two_tokenized_folders_of_one_name_load_their_own_rows(one_process, tmp_path):
+    import pyarrow.parquet as pq
+
+    first, second = tmp_path / "x" / "codes", tmp_path / "y" / "codes"
+    shutil.copytree(one_process, first)
+    shutil.copytree(one_process, second)
+    for shard in sorted((second / "data").glob("*.parquet"))[1:]:  # the second folder keeps its first shard
+        shard.unlink()
+    kept = pq.read_table(next((second / "data").glob("*.parquet"))).num_rows
+    cache = tmp_path / "cache"  # a fresh cache: what a user who loads both first meets
+    assert datasets.load_dataset(str(first), split="train", cache_dir=str(cache)).num_rows == 36
+    assert datasets.load_dataset(str(second), split="train", cache_dir=str(cache)).num_rows == kept < 36
 
 
 def kill_tree(pid: int) -> None:
@@ -353,9 +368,10 @@ def test_decode_writes_wavs_and_checks_codes_against_the_sources(one_process, co
     wavs, report = tmp_path / "wavs", tmp_path / "check.json"
     assert decode_cli.main([str(one_process), "--rows", "1", "--output_dir", str(wavs), "--check", "1",
                             "--output_json", str(report)]) == 0
-    assert [p.name for p in wavs.iterdir()] == ["000000.wav"]
     row = rows_of(one_process)[0]
-    decoded = read(wavs / "000000.wav")
+    name = f"{Path(row['id']).stem}.wav"  # named after the source file, not the row index
+    assert [p.name for p in wavs.iterdir()] == [name]
+    decoded = read(wavs / name)
     with torch.inference_mode():
         expected = snac_model(codec).decode([c[None] for c in reference(codec, Path(row["id"]))])
     assert decoded.shape[-1] == row["num_samples"] < expected.shape[-1]  # cut to the source's length
@@ -364,3 +380,5 @@ def test_decode_writes_wavs_and_checks_codes_against_the_sources(one_process, co
     assert result["clips"] == 1 and result["code_agreement"] == 1.0
     assert {"mel_distance", "stft_distance", "si_sdr"} <= set(result["metrics"])
     assert "codes equal to a one-pass encode" in capsys.readouterr().out
+    chunks = [{"id": "/data/long talk.flac", "index": 3}, {"id": "/data/long talk.flac", "index": 4}, {"id": 7, "index": 5}]
+    assert decode_cli.output_names(chunks) == ["long_talk_000003.wav", "long_talk_000004.wav", "7.wav"]

@@ -20,7 +20,7 @@ from .sources import (AUDIO_EXTENSIONS, MAX_LOCAL_SHARDS, DataError, audio_colum
 from .streaming import StreamingClips, StreamingLoader, check_stream, mix_streams
 from .holdout import HeldOut, choose_held_out, split_sources
 from .loaders import probe_rows
-from .training import (RunSources, TrainingData, run_sources, seeding_excerpts, train_spec, training_data,
+from .training import (AudioDataset, RunSources, TrainingData, run_sources, seeding_excerpts, train_spec, training_data,
                        validation_batch, validation_spec)
 
 __all__ = [
@@ -31,6 +31,6 @@ __all__ = [
     "normalize_loudness", "row_name", "sample_seed",
     "EpochBatchSampler", "check_source", "collate_clips", "default_num_workers", "make_loader",
     "StreamingClips", "StreamingLoader", "check_stream", "mix_streams",
-    "HeldOut", "choose_held_out", "split_sources", "probe_rows", "RunSources", "run_sources",
+    "AudioDataset", "HeldOut", "choose_held_out", "split_sources", "probe_rows", "RunSources", "run_sources",
     "TrainingData", "seeding_excerpts", "train_spec", "training_data", "validation_batch", "validation_spec",
 ]

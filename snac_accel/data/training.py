@@ -18,7 +18,7 @@ from ..config import ConfigError
 from .clips import AudioClips, ExcerptSpec, excerpt_from_row
 from .holdout import HeldOut, split_sources
 from .loaders import EpochBatchSampler, check_source, collate_clips, default_num_workers, make_loader
-from .sources import audio_column, load_sources, source_weights
+from .sources import DataError, audio_column, files_dataset, list_audio_files, load_sources, source_weights
 from .streaming import StreamingClips, StreamingLoader, check_stream, mix_streams
 
 
@@ -76,6 +76,30 @@ def validation_batch(config: Any, sources: Optional[list[tuple[str, Any]]] = Non
     check_source(clips, "validation")
     items = [clips[i] for i in range(min(len(clips), config.max_validation_clips))]
     return collate_clips(items)["audio"]
+
+
+class AudioDataset(torch.utils.data.Dataset):
+    """Training excerpts [1, T] of a folder of audio files, under the earlier SNAC training scripts' name.
+
+    The same decoding, salience retries, loudness and broken-file replacement as a training run
+    (`AudioClips`); ``epoch`` changes the excerpts drawn. Its items are the audio tensors alone.
+    """
+
+    def __init__(self, dataset_path: str, sample_rate: int = 24000, segment_seconds: float = 1.0, train: bool = True,
+                 seed: int = 0) -> None:
+        spec = ExcerptSpec(sample_rate=sample_rate, length=round(segment_seconds * sample_rate))
+        self.clips = AudioClips([files_dataset(list_audio_files(dataset_path))], spec, seed=seed, train=train,
+                                names=[dataset_path])
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        item = self.clips[(self.epoch, index)]
+        if item["audio"] is None:
+            raise DataError(f"no usable clip near row {index}: " + "; ".join(item["bad"][:3]))
+        return item["audio"]
 
 
 @dataclass

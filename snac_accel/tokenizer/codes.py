@@ -138,9 +138,10 @@ def summarize(folder: Path, total_rows: Optional[int], shard_size: int) -> dict[
 def dataset_card(info: dict[str, Any]) -> str:
     """README.md of the tokenized dataset: where the codes come from and how to read them."""
     codec, data, layout, summary = info["codec"], info["data"], info["layout"], info["summary"]
-    metadata = {"configs": [{"config_name": "default",
-                             "data_files": [{"split": "train", "path": f"{DATA_DIR}/train-*.parquet"}]}],
-                "tags": ["audio-tokens", "snac", "snac-accel"]}
+    # No `configs:` block: datasets would then cache a local folder under its name and that block alone, so
+    # two folders named alike would load each other's rows. data/train-*.parquet is found by datasets' own
+    # file patterns (split "train"), on the Hub as locally.
+    metadata = {"tags": ["audio-tokens", "snac", "snac-accel"]}
     hub_source = data["data"] if not os.path.exists(data["data"]) else None
     if hub_source:
         metadata["source_datasets"] = [hub_source]
