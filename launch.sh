@@ -143,7 +143,8 @@ run_module() {
       flags+=(--main_process_port "$MASTER_PORT")
     fi
   fi
-  launch_forwarding_signals "$VENV/bin/accelerate" launch "${flags[@]}" -m "$module" "$@"
+  # --quiet: a trainer's own one-line error is not followed by the launcher's traceback.
+  launch_forwarding_signals "$VENV/bin/accelerate" launch --quiet "${flags[@]}" -m "$module" "$@"
 }
 
 # Processes on this machine: GPUS_PER_NODE, else what SLURM or nvidia-smi report; one on a CPU run.
