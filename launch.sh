@@ -117,6 +117,10 @@ run_module() {
     # One process: run the module itself so that SIGTERM reaches it directly.
     exec "$PY" -m "$module" "$@"
   fi
+  if [[ "$module" == snac_accel.train ]]; then
+    # Bad options as one line and exit 2 here: accelerate's launcher turns a trainer's exit 2 into 1.
+    "$PY" -m "$module" --check_only "$@" || exit $?
+  fi
   local name=${accelerate_config%.yaml}
   local file="accelerate_configs/$name.yaml"
   [[ -f "$file" ]] || { echo "no accelerate config $file (choose from: $(ls accelerate_configs))" >&2; exit 2; }

@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(action, argparse._StoreFalseAction):
             action.help = NO_OPTION_HELP.get(action.dest, f"Turn --{action.dest} off.")
     parser.add_argument("--config", default=None, help="YAML or JSON file of options; CLI options override it.")
+    parser.add_argument("--check_only", action="store_true",
+                        help="Check the options and the files they name, then exit (0: the run would start).")
     parser.add_argument("--dataset_path", default=None,
                         help="Alias of the earlier SNAC training scripts: a folder of audio files (as "
                              "--train_data_dir), a saved or parquet dataset folder or a Hub id (as --dataset_name).")
@@ -165,6 +167,7 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
         parser.set_defaults(**nulls)
     namespace = vars(parser.parse_args(words + argv))
     namespace.pop("config")
+    namespace.pop("check_only")
     dataset_path = namespace.pop("dataset_path")
     config = TrainConfig(**namespace, dataset_path=dataset_path)
     config.apply_dataset_preset()

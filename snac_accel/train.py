@@ -11,11 +11,15 @@ from .config import ConfigError
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_only = "--check_only" in argv  # launch.sh checks the options before it starts accelerate's launcher
     try:
-        config = parse_args(argv)
+        config = parse_args([word for word in argv if word != "--check_only"])
     except ConfigError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
+    if check_only:
+        return 0
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=getattr(logging, config.log_level.upper()))
     from .data import DataError

@@ -115,6 +115,15 @@ def test_mistakes_are_one_line_that_says_what_to_do(tmp_path, capsys, monkeypatc
     assert "hf download hubertsiuzdak/snac_24khz --local-dir DIR" in err
 
 
+def test_launch_sh_refuses_bad_options_in_one_line_before_accelerate_starts(tmp_path):
+    """accelerate's launcher would turn the trainer's exit 2 into 1 (and, without --quiet, a traceback)."""
+    result = run_cli(["./launch.sh", "train", "--accelerate-config", "cpu", "--dataset", "demo", "--batchsize", "2"],
+                     ROOT, {"VENV": str(Path(PYTHON).parents[1])})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown option --batchsize; did you mean --batch_size or --train_batch_size?"], result.stderr
+
+
 def test_help_shows_each_default_once_and_the_no_option_says_what_it_does(capsys):
     from snac_accel.arguments import build_parser
 
