@@ -236,10 +236,15 @@ def test_too_many_bad_samples_stop_with_one_error_naming_examples(broken_dir, go
     assert any(str(folder / name) in str(err.value) for name in BROKEN)
 
 
-def test_a_source_of_only_broken_files_is_refused_before_training(broken_dir):
+def test_a_source_of_only_broken_files_is_refused_before_training(broken_dir, tmp_path):
+    # Every file of a small source is probed; a truncated FLAC still gives excerpts from its first half, so
+    # the truly unusable files alone make the source that must be refused.
+    folder = tmp_path / "unusable"
+    shutil.copytree(broken_dir, folder, ignore=shutil.ignore_patterns("truncated.*"))
     with pytest.raises(D.DataError, match="no usable clip") as err:
-        D.check_source(clips_of(broken_dir, names=[str(broken_dir)]), "training")
-    assert str(broken_dir) in str(err.value) and "cannot be decoded" in str(err.value)
+        D.check_source(clips_of(folder, names=[str(folder)]), "training")
+    assert str(folder) in str(err.value) and "cannot be decoded" in str(err.value)
+    assert D.probe_rows(len(list(folder.iterdir())), 16) == list(range(len(list(folder.iterdir()))))
 
 
 def test_a_folder_without_audio_is_refused(tmp_path):

@@ -95,6 +95,23 @@ def test_two_process_resume_with_the_default_options_is_bit_identical(tmp_path, 
                                tmp_path / "cut/checkpoints/checkpoint_6")
 
 
+@pytest.mark.parametrize("variant", [
+    ("--recipe", "dac", "--train_batch_size", "4"),
+    ("--recipe", "snac", "--train_batch_size", "4"),
+    ("--preset", "snac_24khz", "--train_batch_size", "1", "--segment_seconds", "0.2"),
+], ids=["tiny_dac_recipe", "tiny_snac_recipe", "snac_24khz_snac_recipe"])
+def test_resume_is_bit_identical_with_the_other_recipes_and_a_released_preset(tmp_path, variant):
+    """The defaults of the other recipes (DAC's clipping, the GAN from step 0) and of the snac_24khz
+    preset (4096 codes, full-size discriminators); only the batch is cut to fit the demo clips and the
+    CPU. 2 updates straight against 1 + resume + 1."""
+    train([*defaults(tmp_path / "straight", 2), *variant], tmp_path / "straight.log")
+    train([*defaults(tmp_path / "cut", 1), *variant], tmp_path / "cut.log")
+    log = train([*defaults(tmp_path / "cut", 2, "--resume_from_checkpoint", "latest"), *variant],
+                tmp_path / "resumed.log")
+    assert "at step 1 " in log
+    assert_same_training_state(tmp_path / "straight/checkpoints/checkpoint_2", tmp_path / "cut/checkpoints/checkpoint_2")
+
+
 def rank_pids(launcher: int, deadline: float) -> dict[int, int]:
     """{rank: pid} of the training processes below ``launcher`` (their RANK environment variable)."""
     while time.monotonic() < deadline:
