@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional
+import types
+from typing import Any, Optional
 
 from .arguments import parse_args
 from .config import ConfigError
@@ -44,5 +45,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+class _TrainModule(types.ModuleType):
+    """Importing this module sets ``snac_accel.train`` to it, hiding the package's ``train(config)``
+    function; calling the module runs that function, so ``from snac_accel import train`` stays usable."""
+
+    def __call__(self, config: Any) -> Any:
+        from .trainer import train
+
+        return train(config)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    sys.modules[__name__].__class__ = _TrainModule

@@ -124,6 +124,14 @@ def test_launch_sh_refuses_bad_options_in_one_line_before_accelerate_starts(tmp_
         "error: unknown option --batchsize; did you mean --batch_size or --train_batch_size?"], result.stderr
 
 
+def test_train_is_the_training_function_even_after_the_cli_module_is_imported():
+    import snac_accel
+    import snac_accel.train  # noqa: F401  the CLI module: importing it sets the package's attribute `train`
+    from snac_accel import train
+
+    assert callable(train) and callable(snac_accel.train)
+
+
 def test_help_shows_each_default_once_and_the_no_option_says_what_it_does(capsys):
     from snac_accel.arguments import build_parser
 

@@ -403,8 +403,9 @@ def test_training_pushes_its_export_at_the_end_and_without_a_token_keeps_it(tmp_
     assert train(tiny_config(run, resume_from_checkpoint="latest", **options)) == final
     (repo,), (upload,) = hub_calls.named("create_repo"), hub_calls.named("upload_folder")
     assert repo["repo_id"] == "someone/tiny-snac" and repo["token"] == SENTINEL
+    # the run named no validation data: a held-out clip gives the card its figures, pushed with it
     assert upload["folder_path"] == str(final) and set(upload["uploaded"]) == {
-        "config.json", "model.safetensors", "pytorch_model.bin", "README.md"}
+        "config.json", "model.safetensors", "pytorch_model.bin", "README.md", "spectrogram.png", "codebook_usage.png"}
 
 
 def test_push_reads_the_login_cache(exported, monkeypatch, no_login):

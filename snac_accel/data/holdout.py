@@ -26,12 +26,17 @@ class HeldOut:
         return sum(len(rows) for rows in self.rows)
 
 
+# Fewer training clips than this are all trained on: holding one out would cost a tenth of the data or more.
+MIN_CLIPS_TO_HOLD_OUT = 10
+
+
 def choose_held_out(lengths: list[int], fraction: float, max_clips: int, min_training: int, seed: int) -> list[list[int]]:
     """Per source, the rows to hold out: ``round(fraction * total)`` clips (at least 1, at most
-    ``max_clips``) drawn over all rows at once; none when fewer than ``min_training`` would be left."""
+    ``max_clips``) drawn over all rows at once; none from fewer than `MIN_CLIPS_TO_HOLD_OUT` clips or when
+    fewer than ``min_training`` would be left."""
     total = sum(lengths)
     count = min(max_clips, max(1, round(fraction * total))) if fraction > 0 else 0
-    if count == 0 or total - count < min_training:
+    if count == 0 or total < MIN_CLIPS_TO_HOLD_OUT or total - count < min_training:
         return [[] for _ in lengths]
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()[:count]
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
