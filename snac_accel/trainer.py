@@ -37,7 +37,7 @@ from .losses import DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarial
 from .model import SnacGenerator, build_generator, freeze, generator_from_pretrained
 from .progress import Progress
 from .resume import apply_optimizer_options, log_changes, resume_plan, run_record, scale_learning_rate
-from .step import GanStep, NonFiniteError, build_optimizers, build_scheduler
+from .step import GanStep, NonFiniteError, build_optimizers, build_scheduler, use_fused_adam
 from .validation import Validator
 
 logger = get_logger(__name__)
@@ -77,6 +77,8 @@ class SnacTrainer:
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if acc.device.type == "cuda":  # training batches have one shape: cuDNN's autotuned choice serves them all
+            torch.backends.cudnn.benchmark = True
         set_seed(config.seed)
         self.control = RunControl(acc, config.max_train_minutes)
         self.state = TrainState()
@@ -88,7 +90,8 @@ class SnacTrainer:
             error = str(err)
         self.control.agree(error, stops=False)
         self._build_models()
-        self.opt_g, self.opt_d = build_optimizers(config, self.generator, self.discriminator)
+        self.opt_g, self.opt_d = build_optimizers(config, self.generator, self.discriminator,
+                                                  fused=use_fused_adam(config, acc.device))
         self.sched_g = build_scheduler(config, self.opt_g, self.max_steps)
         self.sched_d = build_scheduler(config, self.opt_d, self.max_steps)
         self.generator, self.discriminator, self.opt_g, self.opt_d = acc.prepare(
@@ -232,14 +235,15 @@ class SnacTrainer:
         config, state = self.config, self.state
         if state.step % config.logging_steps and state.step != self.max_steps:
             return
-        logs = {k: v.item() for k, v in logs.items()}
+        logs = {**logs, **self.gan.window_logs()}
+        values = torch.stack([v.detach().float().reshape(()) for v in logs.values()])
+        logs = dict(zip(logs, values.tolist()))  # one transfer for every value
         logs.update({"lr/generator": self.sched_g.get_last_lr()[0], "lr/discriminator": self.sched_d.get_last_lr()[0],
                      "data/bad_files": state.bad_files})
         logs.update({f"train/skipped_updates_{n}": v for n, v in state.skipped_updates.items()})
         for name, scaler in self.scalers.items():
             logs[f"train/scaler_backoffs_{name}"] = state.scaler_backoffs[name]
             logs[f"train/loss_scale_{name}"] = scaler.get_scale()
-        logs.update(self.gan.window_logs())
         self.progress.log(logs, state.step)
 
     def validate(self) -> dict[str, float]:
