@@ -8,7 +8,8 @@
 #   6. a 3-minute snac_24khz training on synthetic speech (WAV made here): codebook usage, mel distance
 # Usage, from anywhere:  bash benchmarks/gpu_check.sh [--dry_run]   (PYTHON=/path/to/python picks the interpreter)
 # Needs torch, torchaudio, accelerate, transformers, matplotlib, tensorboard, pyarrow; the other packages come
-# as wheels from benchmarks/gpu_wheels.sh (benchmarks/wheels/, unpacked into .gpu_site/ when missing). No
+# as wheels from benchmarks/gpu_wheels.sh (GPU_WHEELS, default benchmarks/wheels/, unpacked into GPU_SITE,
+# default .gpu_site/, when missing). No
 # FFmpeg or torchcodec: the audio is made by the scripts. Exits 1 without torch, or without CUDA unless
 # --dry_run, which runs every section tiny on the CPU (a check of the script, not a measurement).
 set -uo pipefail
@@ -16,7 +17,8 @@ cd "$(dirname "$0")/.." || exit 1
 PY="${PYTHON:-python3}"
 DRY=0
 [ "${1:-}" = "--dry_run" ] && DRY=1
-export PYTHONPATH="$PWD/.gpu_site:$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+WHEELS="${GPU_WHEELS:-benchmarks/wheels}" SITE="${GPU_SITE:-$PWD/.gpu_site}"
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
@@ -29,9 +31,9 @@ if [ "$DRY" = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_
 fi
 needed="snac accelerate transformers datasets torchaudio safetensors torchmetrics einops matplotlib yaml pandas"
 missing() { "$PY" -c "import importlib.util as u; print(' '.join(m for m in '$needed'.split() if u.find_spec(m) is None))"; }
-if [ -n "$(missing)" ] && ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
-    echo "gpu_check: unpacking benchmarks/wheels/ into .gpu_site/ (missing: $(missing))"
-    for wheel in benchmarks/wheels/*.whl; do "$PY" -m zipfile -e "$wheel" .gpu_site/ || exit 1; done
+if [ -n "$(missing)" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "gpu_check: unpacking $WHEELS/ into $SITE/ (missing: $(missing))"
+    for wheel in "$WHEELS"/*.whl; do "$PY" -m zipfile -e "$wheel" "$SITE/" || exit 1; done
 fi
 if [ -n "$(missing)" ]; then
     echo "gpu_check: missing Python packages: $(missing); run bash benchmarks/gpu_wheels.sh where pip reaches PyPI" \

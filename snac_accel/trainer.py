@@ -102,10 +102,6 @@ class SnacTrainer:
                                      use_buffers=True)
             acc.register_for_checkpointing(self.ema)
         acc.register_for_checkpointing(self.sched_g, self.sched_d, self.state)
-        if config.torch_compile:  # after prepare (`snac_accel.compile`)
-            parts = {"generator": self.unwrapped_generator, "discriminator": acc.unwrap_model(self.discriminator)}
-            compile_models([parts[p.strip()] for p in config.torch_compile_models.split(",") if p.strip()],
-                           config.torch_compile_mode, config.torch_compile_backend)
         frames = config.coarse_frames * config.train_batch_size * config.gradient_accumulation_steps * acc.num_processes
         self.dead_code_steps = (default_dead_code_steps(self.codebook_size, frames) if config.dead_code_steps is None
                                 else config.dead_code_steps)
@@ -121,6 +117,12 @@ class SnacTrainer:
                                           hand_written_backward=config.mel_backward == "hand_written").to(acc.device)
         self.disc_loss, self.adv_loss = DiscriminatorLoss(), GeneratorAdversarialLoss()
         self.fm_loss = FeatureMatchingLoss()
+        if config.torch_compile:  # after prepare (`snac_accel.compile`); each model with the losses of its outputs
+            parts = {"generator": [self.unwrapped_generator, self.mel_loss],
+                     "discriminator": [acc.unwrap_model(self.discriminator), self.disc_loss, self.adv_loss,
+                                       self.fm_loss]}
+            compile_models([m for p in config.torch_compile_models.split(",") if p.strip() for m in parts[p.strip()]],
+                           config.torch_compile_mode, config.torch_compile_backend)
         self.gan = GanStep(config, acc, self.state, self.generator, self.discriminator, self.opt_g, self.opt_d,
                            self.sched_g, self.sched_d, self.scalers, self.ema, self.restarter, self.mel_loss,
                            self.disc_loss, self.adv_loss, self.fm_loss, self.codebook_size)

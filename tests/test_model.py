@@ -382,3 +382,16 @@ def test_two_processes_reduce_statistics_and_restart_identical_codes(tmp_path):
     half = first.shape[0] // 2 * first.shape[-1]
     picked = (result["rows"][0][:, None] == first.transpose(1, 2).reshape(-1, first.shape[1])[None]).all(-1)
     assert picked[:, :half].any() and picked[:, half:].any()
+
+
+def test_bf16_autocast_leaves_the_output_waveform_in_float32():
+    # The last conv and tanh in bf16 would round every sample to bf16's grid: a floor for the mel loss.
+    model = tiny_model()
+    audio = audio_batch()
+    with torch.no_grad():
+        plain = model(audio).audio
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(audio).audio
+    assert plain.dtype == mixed.dtype == torch.float32
+    assert (mixed != mixed.bfloat16().float()).float().mean() > 0.9  # not on the bf16 grid
+    assert (mixed - plain).abs().max() < 0.05  # the same waveform, up to the bf16 body's rounding

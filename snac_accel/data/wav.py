@@ -5,9 +5,9 @@ clip; a PCM WAV file is a header and raw samples, so reading it with `wave` and 
 and needs no FFmpeg (the GPU check's machine has none). `PcmWavDecoder` offers the part of
 torchcodec's ``AudioDecoder`` that `clips.decode_excerpt` uses. Only files already at the model's
 rate go this way (resampling stays with FFmpeg, whose filter the rest of the data sees); float
-WAV, other containers and other rates return None from `open_pcm_wav` and take the usual path.
-The samples equal torchcodec's: integers divided by 2**(bits - 1), 8-bit offset by 128; several
-channels are averaged.
+WAV, more than two channels, other containers and other rates return None from `open_pcm_wav`
+and take the usual path. The samples equal torchcodec's, bit for bit: integers divided by
+2**(bits - 1), 8-bit offset by 128, stereo mixed down with FFmpeg's matrix.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
+# FFmpeg's stereo-to-mono matrix (each channel times 1/sqrt(2), not normalised), so the samples equal torchcodec's.
+STEREO_GAIN = np.float32(0.70710677)
 
 
 @dataclass
@@ -32,7 +35,7 @@ class _Samples:
 
 
 class PcmWavDecoder:
-    """Whole-file or ranged reads of a PCM WAV file as float32 [1, T], mono."""
+    """Whole-file or ranged reads of a PCM WAV file (mono or stereo) as float32 [1, T], mono."""
 
     def __init__(self, source: Any, reader: wave.Wave_read) -> None:
         self._source = source
@@ -60,7 +63,7 @@ class PcmWavDecoder:
 
 
 def _to_float(raw: bytes, width: int, channels: int) -> np.ndarray:
-    """Interleaved PCM bytes -> float32 [1, T], channels averaged."""
+    """Interleaved PCM bytes -> float32 [1, T], stereo mixed down as FFmpeg does."""
     if width == 1:
         samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width == 3:
@@ -71,8 +74,9 @@ def _to_float(raw: bytes, width: int, channels: int) -> np.ndarray:
     else:
         samples = np.frombuffer(raw, f"<i{width}").astype(np.float32) / float(2 ** (8 * width - 1))
     samples = samples.reshape(-1, channels)
-    mono = samples[:, 0] if channels == 1 else samples.mean(axis=1, dtype=np.float32)
-    return np.ascontiguousarray(mono)[None]
+    if channels == 1:
+        return np.ascontiguousarray(samples[:, 0])[None]
+    return (samples[:, 0] * STEREO_GAIN + samples[:, 1] * STEREO_GAIN)[None]
 
 
 def open_pcm_wav(raw: Any, sample_rate: int) -> Optional[PcmWavDecoder]:
@@ -92,7 +96,8 @@ def open_pcm_wav(raw: Any, sample_rate: int) -> Optional[PcmWavDecoder]:
         reader = wave.open(io.BytesIO(source) if isinstance(source, bytes) else source, "rb")
     except (wave.Error, EOFError, OSError):
         return None  # float or compressed WAV, or broken: torchcodec decides and names the problem
-    if reader.getframerate() != sample_rate or reader.getsampwidth() not in (1, 2, 3, 4):
+    if (reader.getframerate() != sample_rate or reader.getsampwidth() not in (1, 2, 3, 4)
+            or reader.getnchannels() > 2):
         reader.close()
         return None
     return PcmWavDecoder(source, reader)

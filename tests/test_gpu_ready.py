@@ -1,0 +1,71 @@
+"""What decides GPU speed, checked on the CPU: host syncs per update of the real loop (counted by
+benchmarks/syncs.py), and benchmarks/gpu_check.sh refusing a machine it cannot measure on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.syncs import SyncCounter, build, count_updates  # noqa: E402
+
+
+def counted(tmp_path: Path, **options) -> list[dict]:
+    from types import SimpleNamespace
+
+    values = dict(preset="tiny", batch=2, seconds=0.25, mixed_precision="bf16", updates=3, warmup=1,
+                  logging_steps=2, dead_code_steps=1, accumulation=1, adam_fused=True)
+    values.update(options)
+    args = SimpleNamespace(**values)
+    return count_updates(build(args, str(tmp_path)), args.warmup)
+
+
+def test_one_host_sync_per_update_with_restarts_and_one_more_to_log(tmp_path):
+    # dead_code_steps 1: codes are re-seeded at every update, the most bookkeeping there is.
+    rows = counted(tmp_path)
+    assert [(r["step"], r["logging"]) for r in rows] == [(2, True), (3, False), (4, True)]
+    assert [r["syncs"] for r in rows if not r["logging"]] == [1]  # the outcomes of both optimizers, read back once
+    assert [r["syncs"] for r in rows if r["logging"]] == [2, 2]  # and every logged value in one transfer
+    assert all(r["kinds"] == {"tolist": r["syncs"]} for r in rows)
+
+
+def test_sync_counter_sees_each_kind_of_host_sync():
+    import torch
+
+    x = torch.arange(6.0)
+    with SyncCounter() as counter:
+        x.sum().item(), x.tolist(), bool(x[0] > 1), x[x > 2], x.nonzero(), x.to("cpu"), x.to("cpu", non_blocking=True)
+        torch.nn.functional.relu(x)  # none
+    assert dict(counter.counts) == {"item": 1, "tolist": 1, "bool": 1, "mask index": 1, "nonzero": 1,
+                                    "blocking copy": 1}
+
+
+def run_check(python: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), *args], env={**env, "PYTHON": python},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_check_exits_non_zero_without_torch_or_without_cuda(tmp_path):
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(sys.executable)
+    no_torch = subprocess.run([sys.executable, "-I", "-S", "-c", "import torch"], capture_output=True)
+    if no_torch.returncode == 0:
+        pytest.skip("this Python finds torch even without site-packages")
+    script = tmp_path / "python-no-site"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")
+    script.chmod(0o755)
+    missing = run_check(str(script))
+    assert missing.returncode == 1 and "has no torch" in missing.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        no_gpu = run_check(sys.executable)
+        assert no_gpu.returncode == 1 and "torch.cuda.is_available() is false" in no_gpu.stderr
