@@ -9,7 +9,7 @@ Batches of the step parts are synthetic speech made here (fixed seed) and alread
 decoding stays out of the figures; ``train`` writes the same kind of speech as 16-bit WAV files and
 trains on them through the real loader (PCM WAV needs no FFmpeg). FLOPs per update are counted once
 with ``torch.utils.flop_counter`` on a step; MFU is those FLOPs per second over the device's dense
-bf16 peak (`PEAK_BF16`, known devices only).
+bf16 peak (`snac_accel.progress.PEAK_BF16`, known devices only).
 
 ``--cpu --preset tiny`` runs the same code on the CPU: a dry run of the script, not a measurement.
 """
@@ -33,10 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from snac_accel.compile import eager  # noqa: E402
 from snac_accel.config import TrainConfig  # noqa: E402
+from snac_accel.progress import count_flops, peak_flops  # noqa: E402
 from snac_accel.trainer import SnacTrainer  # noqa: E402
 
-# Dense bf16 tensor peak in FLOP/s, by a substring of the device name.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 # Vowel formants (Hz) of an adult voice: /a/, /e/, /i/, /o/, /u/.
 FORMANTS = np.array([[730, 1090, 2440], [530, 1840, 2480], [270, 2290, 3010], [570, 840, 2410], [300, 870, 2240]])
 
@@ -118,21 +117,11 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def peak_flops(device: torch.device) -> float:
-    if device.type != "cuda":
-        return float("nan")
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16.items() if key in name), float("nan"))
-
-
 def update_flops(trainer: SnacTrainer, real: torch.Tensor) -> float:
     """FLOPs of one optimizer update (forwards and backwards), counted on one step."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
+    with count_flops() as flops:
         trainer.train_step(real)
-    return float(counter.get_total_flops())
+    return flops[0]
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -157,7 +146,7 @@ def throughput(args: argparse.Namespace) -> None:
         sync(device)
         elapsed = (time.perf_counter() - start) / args.updates
         seconds = args.batch * config.segment_samples / config.sampling_rate
-        mfu = flops / elapsed / peak_flops(device)
+        mfu = flops / elapsed / (peak_flops(device) or math.nan)
         kind = f"compiled ({args.backend})" if args.compile else "eager"
         print(f"bf16 {kind}: {args.preset} batch {args.batch} x {args.seconds} s: {elapsed * 1e3:.1f} ms per update, "
               f"{1 / elapsed:.2f} updates/s, {seconds / elapsed:.1f} audio s/s, first update {first:.1f} s, "

@@ -8,6 +8,7 @@ stop; at the end it exports ``OUTPUT_DIR/final`` (`snac_accel.export`) and pushe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import weakref
@@ -23,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import checkpoints
 from . import data as data_lib
-from .card import describe_training_data
+from .card import describe_device, describe_training_data
 from .checkpoints import MODELS, TrainState, list_checkpoints
 from .codebook import DeadCodeRestarter, default_dead_code_steps, seed_run_codebooks
 from .compile import compile_models, eager, refuse_accelerate_dynamo
@@ -35,7 +36,7 @@ from .hub import HubTokenError, push_to_hub
 from .lock import lock_output_dir
 from .losses import DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarialLoss, MultiScaleMelLoss
 from .model import SnacGenerator, build_generator, freeze, generator_from_pretrained
-from .progress import Progress
+from .progress import Progress, count_flops
 from .resume import apply_optimizer_options, log_changes, resume_plan, run_record, scale_learning_rate
 from .step import GanStep, NonFiniteError, build_optimizers, build_scheduler, use_fused_adam
 from .validation import Validator
@@ -130,6 +131,7 @@ class SnacTrainer:
             self.val_batch, acc, self.mel_loss, config.sampling_rate, self.codebook_size, config.seed)
         self.bad_tracker = data_lib.BadFileTracker(max_fraction=config.max_bad_fraction)
         self._last_saved: Optional[tuple[int, int]] = None  # (step, best step) of the last checkpoint written
+        self._update_flops = 0.0  # FLOPs of the micro-batches of the first update so far (`_counts_flops`)
 
     # ------------------------------------------------------------------ building
 
@@ -324,7 +326,10 @@ class SnacTrainer:
         if self.accelerator.is_main_process:
             config = self.config
             datasets, words = describe_training_data(config)
+            progress = getattr(self, "progress", None)
             info = dict(steps=self.state.step, metrics=metrics, datasets=datasets, training_data=words,
+                        throughput=progress.last if progress is not None else None,
+                        device=describe_device(self.accelerator),
                         rollbacks=self.state.extra.get("rollbacks"),
                         base_model=config.init_from, repo_id=config.hub_model_id, name=Path(config.output_dir).name)
             example = self.val_batch[:1].float().cpu() if self.val_batch is not None else None
@@ -375,7 +380,8 @@ class SnacTrainer:
         """
         config, acc = self.config, self.accelerator
         seconds_per_batch = config.train_batch_size * config.segment_samples / config.sampling_rate * acc.num_processes
-        self.progress = Progress(acc, self.max_steps, self.state.step, seconds_per_batch)
+        self.progress = Progress(acc, self.max_steps, self.state.step, seconds_per_batch,
+                                 self.state.extra.get("flops_per_update"))
         self.control.start_clock()
         try:
             with self.control.signals():
@@ -383,6 +389,7 @@ class SnacTrainer:
                     if not self._train_batch(real):  # the accumulation window is still open
                         continue
                     self.progress.bar.update(1)
+                    self.progress.updated()
                     self._log(self.logs)
                     if config.validation_steps and self.state.step % config.validation_steps == 0:
                         self._validate_and_keep_best()
@@ -398,13 +405,25 @@ class SnacTrainer:
     def _train_batch(self, real: torch.Tensor) -> bool:
         """One micro-batch; whether it closed an optimizer update. A divergence rolls back when asked."""
         step_before = self.state.step
+        counting = self._counts_flops()
         try:
-            self.logs = self.train_step(real)
+            with count_flops() if counting else contextlib.nullcontext([0.0]) as flops:
+                self.logs = self.train_step(real)
         except NonFiniteError as err:
             self._roll_back(err)
             return False
         self.progress.trained_batch()
+        if counting:
+            self._update_flops += flops[0]
+            if self.state.step != step_before:
+                self.state.extra["flops_per_update"] = self.progress.flops_per_update = self._update_flops
         return self.state.step != step_before
+
+    def _counts_flops(self) -> bool:
+        """The FLOPs of an update are counted once, on a fresh eager run's first update (kept in the
+        checkpoints for resumed runs); a compiled run's graphs hide their ops from the counter."""
+        return (self.state.step == 0 and not self.config.torch_compile
+                and "flops_per_update" not in self.state.extra)
 
     def _finish(self) -> Path:
         """Stopped by a signal: the checkpoint only. Otherwise a last validation, then the checkpoint

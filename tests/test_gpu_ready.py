@@ -69,3 +69,26 @@ def test_gpu_check_exits_non_zero_without_torch_or_without_cuda(tmp_path):
     if not torch.cuda.is_available():
         no_gpu = run_check(sys.executable)
         assert no_gpu.returncode == 1 and "torch.cuda.is_available() is false" in no_gpu.stderr
+
+
+def test_throughput_and_flops_per_update_reach_the_logs_and_the_model_card(tmp_path):
+    from snac_accel.progress import count_flops
+    from snac_accel.trainer import SnacTrainer
+
+    from .conftest import tiny_config
+    from .helpers import custom_states
+
+    trainer = SnacTrainer(tiny_config(tmp_path, max_train_steps=2, segment_seconds=0.25, train_batch_size=2,
+                                      logging_steps=1, validation_data_dir=None, checkpointing_steps=2))
+    final = trainer.fit()
+    flops = trainer.state.extra["flops_per_update"]  # counted on the first update, checkpointed
+    trainer.sampler.set_epoch(0)
+    with count_flops() as again:
+        trainer.train_step(next(iter(trainer.train_loader))["audio"])
+    assert flops == again[0] > 1e9
+    assert custom_states(tmp_path / "checkpoints/checkpoint_2")["train_state"]["extra"]["flops_per_update"] == flops
+    last = trainer.progress.last
+    assert last["perf/updates_per_second"] > 0 and last["perf/audio_seconds_per_second"] > 0
+    assert abs(last["perf/tflops_per_second"] - flops * last["perf/updates_per_second"] / 1e12) < 1e-9
+    card = (final / "README.md").read_text()
+    assert "- Throughput: " in card and "updates per second" in card and "on 1 x CPU" in card
