@@ -71,10 +71,10 @@ if [ "$DRY" = 1 ]; then  # every section, tiny, on the CPU
 else
     size=(--preset snac_24khz --batch 16 --seconds 0.8)
     section "1. bf16 eager, snac_24khz, 16 x 0.8 s" 45 benchmarks/gpu_check.py throughput "${size[@]}" --updates 10
-    section "2. bf16 --torch_compile, snac_24khz, 16 x 0.8 s" 110 benchmarks/gpu_check.py throughput "${size[@]}" \
+    section "2. bf16 --torch_compile, snac_24khz, 16 x 0.8 s" 95 benchmarks/gpu_check.py throughput "${size[@]}" \
         --updates 10 --compile
     section "3. largest batch of 0.8 s clips, snac_24khz, bf16, eager" 40 benchmarks/gpu_check.py max_batch "${size[@]}"
-    section "4. fp16, accumulation 2, snac_24khz, 8 x 0.8 s" 40 benchmarks/gpu_check.py precision \
+    section "4. fp16, accumulation 2, snac_24khz, 8 x 0.8 s" 35 benchmarks/gpu_check.py precision \
         --preset snac_24khz --batch 8 --seconds 0.8 --updates 5
     section "5. host syncs per update, snac_24khz, bf16" 35 benchmarks/syncs.py --preset snac_24khz --batch 16 \
         --seconds 0.8 --mixed_precision bf16 --updates 4 --logging_steps 4 --dead_code_steps 57 --cuda_debug

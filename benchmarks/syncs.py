@@ -113,7 +113,7 @@ def build(args: argparse.Namespace, output_dir: str) -> SnacTrainer:
                          train_batch_size=args.batch, segment_seconds=args.seconds, report_to="none",
                          dataloader_num_workers=0, mixed_precision=args.mixed_precision,
                          max_train_steps=args.warmup + args.updates, logging_steps=args.logging_steps,
-                         disc_start=0, dead_code_steps=args.dead_code_steps, seed=0,
+                         disc_start=0, dead_code_steps=args.dead_code_steps, seed=0, codebook_init="none",
                          gradient_accumulation_steps=args.accumulation, adam_fused=args.adam_fused)
     return SnacTrainer(config)
 
@@ -188,7 +188,7 @@ def main() -> None:
     print(f"syncs per update ({args.preset}, {args.mixed_precision}, dead_code_steps {args.dead_code_steps}, "
           f"accumulation {args.accumulation}): non-logging {plain}, logging {logging}")
     if cuda:
-        print(f"torch.cuda.set_sync_debug_mode warnings per update: {cuda}")
+        print(f"torch.cuda.set_sync_debug_mode count per update: {cuda}")
     print(f"where, over the {len(rows)} counted updates:")
     for site, n in sorted(rows[-1].get("sites", {}).items()):
         print(f"  {site}: {n}")
