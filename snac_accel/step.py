@@ -28,8 +28,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from .checkpoints import TrainState
 from .codebook import DeadCodeRestarter, code_counts, codebook_statistics
-from .discriminators import split_features
 from .config import TrainConfig
+from .discriminators import split_features
 from .losses import DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarialLoss, MultiScaleMelLoss
 from .model import SnacGenerator
 
@@ -241,6 +241,7 @@ class GanStep:
 
     @staticmethod
     def _resolve(pending: dict[str, Outcome]) -> dict[str, str]:
+        """Outcomes as STEPPED/NONFINITE/BACKOFF; those still on the device read back in one transfer."""
         names = [name for name, outcome in pending.items() if isinstance(outcome, torch.Tensor)]
         if not names:
             return dict(pending)  # type: ignore[arg-type]
