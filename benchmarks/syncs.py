@@ -21,6 +21,7 @@ and checkpoints; the first updates (codebook seeding, warm-up) are not counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -134,7 +135,7 @@ def count_updates(trainer: SnacTrainer, warmup: int, cuda_debug: bool = False) -
             warnings.simplefilter("always")
             if cuda_debug and counting:
                 torch.cuda.set_sync_debug_mode("warn")
-            with counter if counting else _nothing():
+            with counter if counting else contextlib.nullcontext():
                 updated = False
                 while not updated:
                     counter.paused = True  # the loader's host-side work (workers, in a real run) is not counted
@@ -153,14 +154,6 @@ def count_updates(trainer: SnacTrainer, warmup: int, cuda_debug: bool = False) -
     if rows:
         rows[-1]["sites"] = dict(counter.sites)
     return rows
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def main() -> None:
