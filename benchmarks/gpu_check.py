@@ -234,7 +234,8 @@ def train(args: argparse.Namespace) -> None:
         metrics = trainer.state.extra.get("last_metrics", {})
         usage = "/".join(f"{100 * v:.0f}" for k, v in metrics.items() if "codebook_usage" in k)
         print(f"train: {args.preset}, {trainer.state.step} updates in {time.perf_counter() - start:.0f} s "
-              f"(--max_train_minutes {args.minutes}); validation mel distance {metrics.get('val/mel_distance', math.nan):.3f}, "
+              f"(--max_train_minutes {args.minutes}); validation mel distance "
+              f"{metrics.get('val/mel_distance', math.nan):.3f}, "
               f"codebook usage {usage}% per level", flush=True)
 
 

@@ -46,7 +46,8 @@ READ_BACK = {torch.Tensor.item: "item", torch.Tensor.tolist: "tolist", torch.Ten
              torch.Tensor.__int__: "int", torch.Tensor.__index__: "index"}
 DATA_SIZED = {torch.nonzero: "nonzero", torch.Tensor.nonzero: "nonzero", torch.unique: "unique",
               torch.Tensor.unique: "unique", torch.masked_select: "masked_select",
-              torch.Tensor.masked_select: "masked_select", torch.bincount: "bincount", torch.Tensor.bincount: "bincount",
+              torch.Tensor.masked_select: "masked_select", torch.bincount: "bincount",
+              torch.Tensor.bincount: "bincount",
               torch.argwhere: "nonzero"}
 INDEXING = {torch.Tensor.__getitem__: "mask index", torch.Tensor.__setitem__: "mask index"}
 COPIES = {torch.Tensor.to: "blocking copy", torch.Tensor.copy_: "blocking copy", torch.Tensor.cuda: "blocking copy"}
@@ -109,7 +110,8 @@ class SyncCounter(TorchFunctionMode):
 
 
 def build(args: argparse.Namespace, output_dir: str) -> SnacTrainer:
-    data = write_speech(Path(output_dir) / "data", 2 * args.batch, 1.0, TrainConfig(preset=args.preset).sampling_rate, 0)
+    rate = TrainConfig(preset=args.preset).sampling_rate
+    data = write_speech(Path(output_dir) / "data", 2 * args.batch, 1.0, rate, 0)
     config = TrainConfig(preset=args.preset, train_data_dir=str(data), output_dir=output_dir + "/run",
                          train_batch_size=args.batch, segment_seconds=args.seconds, report_to="none",
                          dataloader_num_workers=0, mixed_precision=args.mixed_precision,

@@ -92,8 +92,8 @@ def model_card(model: SnacGenerator, info: dict[str, Any]) -> str:
     """A model card with YAML metadata so the Hub lists the codec under `library_name: snac`.
 
     ``info`` keys (all optional): name, repo_id, steps, datasets (Hub ids), training_data (words), rollbacks,
-    base_model, throughput (`Progress.last`), device (`describe_device`), metrics, metrics_source, and the figures `draw_figures` returns (figure, usage_figure,
-    usage_source).
+    base_model, throughput (`Progress.last`), device (`describe_device`), metrics, metrics_source, and the figures
+    `draw_figures` returns (figure, usage_figure, usage_source).
     """
     config = model.config
     rates = codec_rates(config)
