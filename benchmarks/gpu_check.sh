@@ -57,16 +57,17 @@ p = torch.cuda.get_device_properties(0) if c else None; print((f'{p.name}, {p.to
 else 'CPU dry run, ') + f'torch {torch.__version__}, CUDA {torch.version.cuda}, accelerate {accelerate.__version__}, \
 transformers {transformers.__version__}')"
 
-if [ "$DRY" = 1 ]; then  # every section, tiny, on the CPU
+if [ "$DRY" = 1 ]; then  # every section, tiny, on the CPU; a shared CPU gets generous limits (DRY_LIMIT)
+    DRY_LIMIT=${DRY_LIMIT:-480}
     size=(--cpu --preset tiny --batch 2 --seconds 0.5)
-    section "1. bf16 eager (dry run)" 120 benchmarks/gpu_check.py throughput "${size[@]}" --updates 2
-    section "2. bf16 compiled (dry run, aot_eager)" 240 benchmarks/gpu_check.py throughput "${size[@]}" --updates 2 \
-        --compile --backend aot_eager
-    section "3. largest batch (dry run)" 120 benchmarks/gpu_check.py max_batch "${size[@]}" --max_try 4
-    section "4. fp16, accumulation 2 (dry run)" 120 benchmarks/gpu_check.py precision "${size[@]}" --updates 2
-    section "5. host syncs per update (dry run)" 120 benchmarks/syncs.py --cpu --updates 3 --logging_steps 3 \
-        --mixed_precision bf16 --adam_fused true
-    section "6. training on synthetic speech (dry run)" 240 benchmarks/gpu_check.py train "${size[@]}" \
+    section "1. bf16 eager (dry run)" $DRY_LIMIT benchmarks/gpu_check.py throughput "${size[@]}" --updates 2
+    section "2. bf16 compiled (dry run, aot_eager)" $DRY_LIMIT benchmarks/gpu_check.py throughput "${size[@]}" \
+        --updates 2 --compile --backend aot_eager
+    section "3. largest batch (dry run)" $DRY_LIMIT benchmarks/gpu_check.py max_batch "${size[@]}" --max_try 4
+    section "4. fp16, accumulation 2 (dry run)" $DRY_LIMIT benchmarks/gpu_check.py precision "${size[@]}" --updates 2
+    section "5. host syncs per update (dry run)" $DRY_LIMIT benchmarks/syncs.py --cpu --updates 2 --warmup 1 \
+        --logging_steps 3 --mixed_precision bf16 --adam_fused true
+    section "6. training on synthetic speech (dry run)" $DRY_LIMIT benchmarks/gpu_check.py train "${size[@]}" \
         --minutes 0.25 --clips 8
 else
     size=(--preset snac_24khz --batch 16 --seconds 0.8)
