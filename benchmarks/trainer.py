@@ -3,6 +3,7 @@ With ``--compile``: the trainer's eager step against its ``--torch_compile`` ste
 
     python benchmarks/trainer.py [--preset tiny] [--batch 4] [--seconds 0.5] [--steps 10] [--long 200]
     python benchmarks/trainer.py --compile [--preset snac_24khz] [--compile_mode default] [--long 0]
+    python benchmarks/trainer.py --ops [--preset tiny]   # aten ops and weight-norm recomputations per update
 
 Both sides use the same generator, discriminator, losses, AdamW settings and batch; the bare loop
 has no accelerate, no accumulation context, no non-finite guard and no schedulers. Rounds alternate
@@ -111,6 +112,34 @@ def compare_compiled(trainer: SnacTrainer, run_trainer, args: argparse.Namespace
     return 4 + 2 * args.rounds * args.steps
 
 
+def count_ops(trainer: SnacTrainer, real: torch.Tensor, steps: int) -> None:
+    """Aten ops of one trainer update (weight-norm recomputations apart) and CPU seconds per update."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counts: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    trainer.train_step(real)  # warm-up
+    with Ops() as ops:
+        trainer.train_step(real)
+    norms = sum(n for name, n in ops.counts.items() if name.startswith("_weight_norm") and "backward" not in name)
+    backward = sum(n for name, n in ops.counts.items() if name.startswith("_weight_norm") and "backward" in name)
+    start = time.process_time()
+    for _ in range(steps):
+        trainer.train_step(real)
+    cpu = (time.process_time() - start) / steps
+    print(f"ops per update: {sum(ops.counts.values())} aten ops, weight norm computed {norms} times in the "
+          f"forwards and {backward} in the backward; {cpu * 1000:.0f} ms CPU per update ({steps} updates)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
@@ -121,6 +150,8 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=200, help="trainer steps for the memory check")
     parser.add_argument("--mixed_precision", default="no")
     parser.add_argument("--compile", action="store_true", help="eager vs --torch_compile instead of bare vs trainer")
+    parser.add_argument("--ops", action="store_true",
+                        help="op counts (weight norm apart) and CPU time of the trainer's update, GAN on")
     parser.add_argument("--compile_mode", default="default")
     parser.add_argument("--compile_models", default="generator,discriminator",
                         help="what --compile compiles: generator, discriminator or both (comma-separated)")
@@ -130,7 +161,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(preset=args.preset, train_data_dir=str(DEMO / "train"), output_dir=tmp,
                              train_batch_size=args.batch, segment_seconds=args.seconds, report_to="none",
-                             dataloader_num_workers=0, mixed_precision=args.mixed_precision)
+                             dataloader_num_workers=0, mixed_precision=args.mixed_precision,
+                             **({"disc_start": 0} if args.ops else {}))
         trainer = SnacTrainer(config)
         device = trainer.accelerator.device
         trainer.sampler.set_epoch(0)
@@ -151,6 +183,8 @@ def main() -> None:
 
         print(f"device: {device}, preset {args.preset}, batch {args.batch} x {args.seconds} s, "
               f"{torch.get_num_threads()} threads, {args.rounds} rounds of {args.steps} steps (median)")
+        if args.ops:
+            return count_ops(trainer, real, args.steps)
         if args.compile:
             done = compare_compiled(trainer, run_trainer, args, device)
         else:

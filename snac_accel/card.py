@@ -71,12 +71,29 @@ def codebook_rows(metrics: dict[str, Any]) -> list[tuple[int, float, float]]:
     return rows
 
 
+def throughput_words(perf: dict[str, float]) -> str:
+    """The last logging window's speed (`snac_accel.progress`) in one line."""
+    words = [f"{perf['perf/audio_seconds_per_second']:.1f} audio seconds per second",
+             f"{perf['perf/updates_per_second']:.2f} updates per second"]
+    if "perf/mfu" in perf:
+        words.append(f"model FLOP utilisation {100 * perf['perf/mfu']:.1f}%")
+    words.append(f"peak memory {perf['perf/peak_memory_gb']:.2f} GiB")
+    return ", ".join(words)
+
+
+def describe_device(accelerator: Any) -> str:
+    """The processes and device kind a run trained on, for the card."""
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return f"{accelerator.num_processes} x {name}"
+
+
 def model_card(model: SnacGenerator, info: dict[str, Any]) -> str:
     """A model card with YAML metadata so the Hub lists the codec under `library_name: snac`.
 
     ``info`` keys (all optional): name, repo_id, steps, datasets (Hub ids), training_data (words), rollbacks,
-    base_model, metrics, metrics_source, and the figures `draw_figures` returns (figure, usage_figure,
-    usage_source).
+    base_model, throughput (`Progress.last`), device (`describe_device`), metrics, metrics_source, and the figures
+    `draw_figures` returns (figure, usage_figure, usage_source).
     """
     config = model.config
     rates = codec_rates(config)
@@ -112,6 +129,9 @@ def model_card(model: SnacGenerator, info: dict[str, Any]) -> str:
         lines.append(f"- Validation: {info['validation_data']}")
     if base_model:
         lines.append(f"- Initialised from: {base_model}")
+    if info.get("throughput"):
+        lines.append(f"- Throughput: {throughput_words(info['throughput'])}"
+                     + (f" on {info['device']}" if info.get("device") else ""))
     for event in info.get("rollbacks") or []:  # --on_divergence rollback
         lines.append(f"- Rolled back: the {' and the '.join(event['models'])} diverged at step {event['diverged_at']}; "
                      f"resumed from step {event['back_to']} with its learning rate x{event['lr_factor']}")

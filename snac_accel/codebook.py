@@ -281,8 +281,16 @@ class DeadCodeRestarter:
         self.restarted = torch.zeros(n_levels, dtype=torch.long)
 
     def observe(self, counts: torch.Tensor) -> None:
-        """Record the codes used by one micro-batch; ``counts`` must already be summed across processes."""
-        self.used |= counts.detach().cpu() > 0
+        """Record the codes used by one micro-batch; ``counts`` must already be summed across processes.
+        The record stays on the counts' device: reading it back would wait for the GPU."""
+        self._to(counts.device)
+        self.used |= counts.detach() > 0
+
+    def _to(self, device: torch.device) -> None:
+        """The record moves to the device once (a fresh or loaded restarter holds it on the CPU)."""
+        if self.used.device != device:
+            self.used, self.unused_steps, self.restarted = (t.to(device) for t in (self.used, self.unused_steps,
+                                                                                     self.restarted))
 
     def forget_window(self) -> None:
         """Drop the codes observed since the last update: that update was skipped (non-finite)."""
@@ -294,58 +302,72 @@ class DeadCodeRestarter:
 
     @torch.no_grad()
     def step(self, model: Any, latents: Sequence[torch.Tensor], step: int,
-             gather: Optional[TensorFn] = None, optimizer: Optional[torch.optim.Optimizer] = None
-             ) -> dict[str, torch.Tensor]:
+             gather: Optional[TensorFn] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+             stepped: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Close one optimizer step: age unused codes and re-seed the dead ones; returns counts per level.
 
         Call once per optimizer update on every process, after ``optimizer.step()``. ``latents`` are
         `GeneratorOutput.latents` of the current batch ([B, D, T_level] per level); ``gather``
         concatenates a tensor from all processes along dim 0 (``accelerator.gather``). Given the
         optimizer, the Adam moments of re-seeded rows are zeroed so stale momentum does not drag
-        the new vectors away. Non-finite candidates are never used. Counts come back as 0-d
-        tensors, like the trainer's other logs.
+        the new vectors away. ``stepped`` (a 0-d bool tensor) is whether the update was taken, when
+        that is known on the device only: a skipped one neither ages codes nor re-seeds any.
+
+        Everything stays on the device (no host sync): the i-th dead code of a level takes the
+        i-th vector of a permutation of the batch's vectors drawn from (seed, step, level), all
+        codes are written through a mask, and the counts come back as 0-d device tensors. Non-finite
+        vectors are never used (they go to the permutation's end); with fewer usable vectors than
+        dead codes, the permutation repeats.
         """
         quantizers = model.quantizer.quantizers
         if len(quantizers) != self.unused_steps.shape[0]:
             raise ValueError(f"the model has {len(quantizers)} quantizer levels, the restarter tracks "
                              f"{self.unused_steps.shape[0]}")
-        self.unused_steps = torch.where(self.used, 0, self.unused_steps + 1)
-        self.used.zero_()
+        device = quantizers[0].codebook.weight.device
+        self._to(device)
+        used, unused, restarted = self.used, self.unused_steps, self.restarted
+        aged = torch.where(used, 0, unused + 1)
+        unused = aged if stepped is None else torch.where(stepped, aged, unused)
+        self.used = torch.zeros_like(used)
         logs = {}
         for level, vq in enumerate(quantizers):
             weight = vq.codebook.weight
-            dead = (self.unused_steps[level] >= self.dead_steps).nonzero().flatten()
-            logs[f"codebook/restarted_level{level}"] = torch.tensor(0)
-            if dead.numel() == 0 or not weight.requires_grad:
+            logs[f"codebook/restarted_level{level}"] = torch.zeros((), dtype=torch.long, device=device)
+            if not weight.requires_grad:
                 continue
+            dead = unused[level] >= self.dead_steps
+            if stepped is not None:
+                dead = dead & stepped
             z_e = latents[level].detach().contiguous()
             if gather is not None:
                 z_e = gather(z_e)
             candidates = z_e.transpose(1, 2).reshape(-1, z_e.shape[1])
-            candidates = candidates[torch.isfinite(candidates).all(-1)]
-            if candidates.shape[0] == 0:
+            n = candidates.shape[0]
+            if n == 0:
                 continue
-            generator = self.generator(step, level)
-            if candidates.shape[0] >= dead.numel():
-                pick = torch.randperm(candidates.shape[0], generator=generator)[:dead.numel()]
-            else:
-                pick = torch.randint(candidates.shape[0], (dead.numel(),), generator=generator)
-            rows = dead.to(weight.device)
-            weight[rows] = candidates[pick.to(candidates.device)].to(weight.dtype)
+            order = torch.randperm(n, generator=self.generator(step, level)).to(device, non_blocking=True)
+            finite = torch.isfinite(candidates[order]).all(-1)
+            order = order[torch.sort((~finite).int(), stable=True).indices]  # finite ones first, in order
+            usable = finite.sum()
+            pick = order[(dead.long().cumsum(0) - 1).clamp(min=0) % usable.clamp(min=1)]
+            chosen = candidates[pick]
+            replace = dead & (usable > 0)
+            weight.copy_(torch.where(replace[:, None], chosen.to(weight.dtype), weight))
             if optimizer is not None:
                 state = getattr(optimizer, "optimizer", optimizer).state.get(weight, {})
                 for value in state.values():
                     if torch.is_tensor(value) and value.shape == weight.shape:
-                        value[rows] = 0
-            self.unused_steps[level, dead] = 0
-            self.restarted[level] += dead.numel()
-            logs[f"codebook/restarted_level{level}"] = torch.tensor(dead.numel())
-            logger.debug(f"step {step}: re-seeded {dead.numel()} dead codes of level {level}", main_process_only=True)
+                        value.copy_(torch.where(replace[:, None], torch.zeros_like(value), value))
+            unused[level] = torch.where(replace, 0, unused[level])
+            count = replace.sum()
+            restarted[level] += count
+            logs[f"codebook/restarted_level{level}"] = count
+        self.unused_steps, self.restarted = unused, restarted
         return logs
 
     def state_dict(self) -> dict[str, Any]:
-        return {"unused_steps": self.unused_steps.clone(), "used": self.used.clone(),
-                "restarted": self.restarted.clone()}
+        return {"unused_steps": self.unused_steps.cpu().clone(), "used": self.used.cpu().clone(),
+                "restarted": self.restarted.cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.unused_steps = state["unused_steps"].clone()

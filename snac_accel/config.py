@@ -135,6 +135,9 @@ class TrainConfig:
     adam_beta2: float = _choice("AdamW beta2.", 0.99)
     adam_weight_decay: float = _choice("AdamW weight decay.", 0.0)
     adam_epsilon: float = _choice("AdamW epsilon.", 1e-8)
+    adam_fused: Optional[bool] = _choice(
+        "Fused AdamW (one kernel per step; skips a non-finite update on the device, without a host sync). "
+        "Default: on CUDA.", None)
     lr_scheduler: str = _choice("'exponential' or a transformers.get_scheduler name.", "exponential")
     lr_gamma: Optional[float] = _choice("Decay per update of the exponential scheduler (default: the recipe's).",
                                         None)

@@ -132,6 +132,13 @@ class Discriminator(nn.Module):
         return [d(x) for d in self.discriminators]
 
 
+def split_features(features: list[FeatureMaps], first: int) -> tuple[list[FeatureMaps], list[FeatureMaps]]:
+    """The feature maps of a batched pass split into those of its first ``first`` clips and of the rest:
+    real and fake go through the discriminator together (it has no batch statistics, so each clip's
+    maps are those of a pass of its own)."""
+    return ([[t[:first] for t in maps] for maps in features], [[t[first:] for t in maps] for maps in features])
+
+
 class MultiPeriodDiscriminator(Discriminator):
     """The period discriminators alone (HiFi-GAN's MPD), under the earlier SNAC training scripts' name.
 

@@ -59,6 +59,9 @@ class SnacGenerator(SNAC):
 
     def __init__(self, quantizer_dropout: float = 0.0, **snac_kwargs: Any) -> None:
         super().__init__(**snac_kwargs)
+        # snac computes it with np.prod: a numpy.int64, which torch.compile cannot fold into `preprocess`'s
+        # padding (math.ceil on it breaks the graph); a Python int is a constant.
+        self.hop_length = int(self.hop_length)
         for module in self.modules():  # same parameters and names, eager forward (see `Snake`)
             if type(module) is Snake1d:
                 module.__class__ = Snake
@@ -73,7 +76,7 @@ class SnacGenerator(SNAC):
 
     @property
     def pad_multiple(self) -> int:
-        return int(self.hop_length) * math.lcm(self.vq_strides[0], self.attn_window_size or 1)
+        return self.hop_length * math.lcm(self.vq_strides[0], self.attn_window_size or 1)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, GeneratorOutput]:
         """Residual quantization with DAC's losses; same codes and z_q as `ResidualVectorQuantize.forward`.
@@ -123,8 +126,22 @@ class SnacGenerator(SNAC):
         length = audio_data.shape[-1]
         z = self.encoder(self.preprocess(audio_data))
         z_q, out = self.quantize(z)
-        out.audio = self.decoder(z_q)[..., :length]
+        out.audio = self.decode_float32_output(z_q)[..., :length]
         return out
+
+    def decode_float32_output(self, z_q: torch.Tensor) -> torch.Tensor:
+        """`snac.layers.Decoder` with its last conv and tanh in float32 even under autocast.
+
+        Under bf16 autocast they would round the waveform itself to bf16's 8 bits of mantissa, a
+        floor the training cannot go below (a mel distance of 0.134 on the demo's validation clips
+        from the rounding alone, fp16 0.023). Without autocast the same ops as ``self.decoder(z_q)``.
+        """
+        layers = self.decoder.model
+        x = z_q
+        for layer in layers[:-2]:
+            x = layer(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return layers[-1](layers[-2](x.float()))
 
 
 @contextmanager

@@ -1,18 +1,49 @@
 """A run's progress: the bar, and the throughput and memory that each logging step reports.
 
 Throughput is measured over a window, from one logging step to the next: the share of wall time
-spent waiting for data, and seconds of audio trained on per second (all processes together).
+spent waiting for data, seconds of audio trained on per second (all processes together), optimizer
+updates per second and, when the FLOPs of an update are known (counted once, `count_flops`), the
+model FLOP utilisation: those FLOPs per second over the device's dense bf16 peak (`PEAK_BF16`).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+
+# Dense bf16 tensor-core peak per device in FLOP/s, by a substring of the device's name.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12,
+             "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    """The device's dense bf16 peak (FLOP/s), None where unknown (CPUs, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16.items() if key in name), None)
+
+
+@contextmanager
+def count_flops() -> Iterator[list[float]]:
+    """FLOPs of the ops run inside the block (``torch.utils.flop_counter``), in a one-element list.
+
+    A dispatch mode that only observes: the step computes exactly as without it. Meant for one
+    update of an eager run, once: under it every op pays a Python call.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    result = [0.0]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        yield result
+    result[0] = float(counter.get_total_flops())
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -43,8 +74,12 @@ def start_summary(config: Any, train_clips: Optional[int], validation_clips: int
 class Progress:
     """The progress bar (local main process only) and the current logging window."""
 
-    def __init__(self, accelerator: Accelerator, total: int, initial: int, seconds_per_batch: float) -> None:
+    def __init__(self, accelerator: Accelerator, total: int, initial: int, seconds_per_batch: float,
+                 flops_per_update: Optional[float] = None) -> None:
         self.accelerator, self.seconds_per_batch = accelerator, seconds_per_batch
+        self.flops_per_update = flops_per_update  # per process
+        self.peak = peak_flops(accelerator.device)
+        self.last: dict[str, float] = {}  # the last window's throughput, for the model card
         self.bar = tqdm(total=total, initial=initial, disable=not accelerator.is_local_main_process, desc="training",
                         dynamic_ncols=True)
         # Log lines go above the bar (through tqdm.write), not into it.
@@ -53,7 +88,7 @@ class Progress:
         self._new_window()
 
     def _new_window(self) -> None:
-        self.window_start, self.data_wait, self.audio_seconds = time.monotonic(), 0.0, 0.0
+        self.window_start, self.data_wait, self.audio_seconds, self.updates = time.monotonic(), 0.0, 0.0, 0
 
     def waited(self, seconds: float) -> None:
         self.data_wait += seconds
@@ -61,17 +96,28 @@ class Progress:
     def trained_batch(self) -> None:
         self.audio_seconds += self.seconds_per_batch
 
+    def updated(self) -> None:
+        self.updates += 1
+
     def log(self, logs: dict[str, float], step: int) -> None:
         """Add the window's throughput and the peak memory to ``logs``, send them to the trackers, show a
         summary on the bar, and start a new window."""
         elapsed = max(time.monotonic() - self.window_start, 1e-9)
-        logs.update({"data/wait_share": self.data_wait / elapsed,
-                     "perf/audio_seconds_per_second": self.audio_seconds / elapsed,
-                     "perf/peak_memory_gb": peak_memory_gb(self.accelerator.device)})
+        perf = {"perf/audio_seconds_per_second": self.audio_seconds / elapsed,
+                "perf/updates_per_second": self.updates / elapsed,
+                "perf/peak_memory_gb": peak_memory_gb(self.accelerator.device)}
+        if self.flops_per_update:
+            perf["perf/tflops_per_second"] = self.flops_per_update * self.updates / elapsed / 1e12
+            if self.peak:
+                perf["perf/mfu"] = self.flops_per_update * self.updates / elapsed / self.peak
+        logs.update({"data/wait_share": self.data_wait / elapsed, **perf})
+        self.last = perf
         self.accelerator.log(logs, step=step)
         usage = "/".join(f"{100 * v:.0f}" for k, v in logs.items() if "/usage_" in k)
+        extra = {"mfu": f"{100 * perf['perf/mfu']:.0f}%"} if "perf/mfu" in perf else {}
         self.bar.set_postfix(mel=f"{logs['loss/mel']:.3f}", codes_used=f"{usage}%",
-                             audio_s_per_s=f"{logs['perf/audio_seconds_per_second']:.1f}")
+                             audio_s_per_s=f"{perf['perf/audio_seconds_per_second']:.1f}",
+                             updates_per_s=f"{perf['perf/updates_per_second']:.2f}", **extra)
         self._new_window()
 
     def close(self) -> None:

@@ -17,8 +17,9 @@ its micro-batches are scaled, unscaled and checked with one scale, updated once 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from accelerate import Accelerator
@@ -28,6 +29,7 @@ from torch.optim.swa_utils import AveragedModel
 from .checkpoints import TrainState
 from .codebook import DeadCodeRestarter, code_counts, codebook_statistics
 from .config import TrainConfig
+from .discriminators import split_features
 from .losses import DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarialLoss, MultiScaleMelLoss
 from .model import SnacGenerator
 
@@ -35,6 +37,8 @@ logger = get_logger(__name__)
 
 # What became of one optimizer's update at the end of an accumulation window.
 STEPPED, NONFINITE, BACKOFF = "stepped", "non-finite", "scaler back-off"
+# An outcome known on the host, or (fused AdamW, no fp16) a 0-d bool device tensor: whether it stepped.
+Outcome = Union[str, torch.Tensor]
 
 
 class NonFiniteError(RuntimeError):
@@ -62,15 +66,21 @@ def gather_uneven(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tenso
     return torch.cat([padded[rank * largest:rank * largest + count] for rank, count in enumerate(counts)])
 
 
-def build_optimizers(config: TrainConfig, generator: torch.nn.Module, discriminator: torch.nn.Module
-                     ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+def use_fused_adam(config: TrainConfig, device: torch.device) -> bool:
+    """``--adam_fused``, by default on CUDA: one kernel per step, and a skipped update decided on the device."""
+    return config.adam_fused if config.adam_fused is not None else device.type == "cuda"
+
+
+def build_optimizers(config: TrainConfig, generator: torch.nn.Module, discriminator: torch.nn.Module,
+                     fused: bool = False) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """AdamW for the generator's trainable parameters and for the discriminator."""
     betas = (config.adam_beta1, config.adam_beta2)
     g_params = [p for p in generator.parameters() if p.requires_grad]
-    opt_g = torch.optim.AdamW(g_params, lr=config.learning_rate, betas=betas,
+    opt_g = torch.optim.AdamW(g_params, lr=config.learning_rate, betas=betas, fused=fused or None,
                               weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     opt_d = torch.optim.AdamW(discriminator.parameters(), lr=config.disc_learning_rate or config.learning_rate,
-                              betas=betas, weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+                              betas=betas, weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+                              fused=fused or None)
     return opt_g, opt_d
 
 
@@ -126,7 +136,7 @@ class GanStep:
         config, acc = self.config, self.accelerator
         adversarial = self.state.step >= config.disc_start
         logs: dict[str, torch.Tensor] = {}
-        outcomes: dict[str, str] = {}
+        outcomes: dict[str, Outcome] = {}
         with acc.accumulate(self.generator, self.discriminator):
             out = self.generator(real)
             fake = out.audio
@@ -139,8 +149,8 @@ class GanStep:
                 if self.restarter is not None:
                     self.restarter.observe(counts)
 
-            if adversarial:
-                d_fake, d_real = self.discriminator(fake.detach()), self.discriminator(real)
+            if adversarial:  # one pass over fake and real: each weight normalised once, half the kernel launches
+                d_fake, d_real = split_features(self.discriminator(torch.cat([fake.detach(), real])), real.shape[0])
                 loss_d = self.disc_loss(d_real, d_fake)
                 self._backward(loss_d, "discriminator")
                 if sync:
@@ -157,9 +167,10 @@ class GanStep:
             loss_g = (config.mel_weight * mel + config.commitment_weight * out.commitment_loss
                       + config.codebook_weight * out.codebook_loss)
             if adversarial:
-                with torch.no_grad():
-                    d_real = discriminator(real)
-                d_fake = discriminator(fake)
+                with self._weights_once(discriminator):
+                    with torch.no_grad():
+                        d_real = discriminator(real)
+                    d_fake = discriminator(fake)
                 adv, fm = self.adv_loss(d_fake), self.fm_loss(d_real, d_fake)
                 loss_g = loss_g + config.adversarial_weight * adv + config.feature_matching_weight * fm
                 logs["loss/adversarial"], logs["loss/feature_matching"] = adv.detach(), fm.detach()
@@ -169,9 +180,11 @@ class GanStep:
                 outcomes["generator"] = self._update("generator", self.generator, self.opt_g, loss_g,
                                                      config.max_grad_norm, logs)
             if sync and self.restarter is not None:
-                if outcomes["generator"] == STEPPED:
+                outcome = outcomes["generator"]
+                if isinstance(outcome, torch.Tensor) or outcome == STEPPED:  # a tensor: decided on the device
                     logs.update(self.restarter.step(self.unwrapped_generator, out.latents, self.state.step,
-                                                    gather=lambda t: gather_uneven(acc, t), optimizer=self.opt_g))
+                                                    gather=lambda t: gather_uneven(acc, t), optimizer=self.opt_g,
+                                                    stepped=outcome if isinstance(outcome, torch.Tensor) else None))
                 else:  # a skipped update neither ages codes nor counts as their use
                     self.restarter.forget_window()
 
@@ -190,7 +203,7 @@ class GanStep:
         if self.restarter is not None:
             self.restarter.forget_window()
 
-    def window_logs(self) -> dict[str, float]:
+    def window_logs(self) -> dict[str, torch.Tensor]:
         """Usage, perplexity and efficiency per level over the batches since the last logging step.
 
         One batch holds too few frames to show a level's usage (4 clips of 1 s give the tiny
@@ -200,14 +213,16 @@ class GanStep:
             return {}
         stats = codebook_statistics([], self.codebook_size, counts=self.window_counts)
         self.window_counts = None
-        return {key: value.item() for key, value in stats.items()}
+        return stats
 
-    def _after_update(self, outcomes: dict[str, str], out: Any) -> None:
+    def _after_update(self, pending: dict[str, Outcome], out: Any) -> None:
         """Book each model's update on its own: its scheduler steps only when it stepped, the EMA
         follows the generator, and max_nonfinite_steps non-finite updates in a row of either model
         stop the run (a discriminator that never updates any more would train the generator
-        against a frozen critic)."""
+        against a frozen critic). Outcomes decided on the device are read back here, all in one
+        transfer: the update's one host sync."""
         state = self.state
+        outcomes = self._resolve(pending)
         for name, outcome in outcomes.items():
             self._book(name, outcome)
         if outcomes["generator"] == STEPPED:
@@ -224,6 +239,15 @@ class GanStep:
                 "--mixed_precision bf16/no, or --on_divergence rollback", stuck)
         state.step += 1
 
+    @staticmethod
+    def _resolve(pending: dict[str, Outcome]) -> dict[str, str]:
+        """Outcomes as STEPPED/NONFINITE/BACKOFF; those still on the device read back in one transfer."""
+        names = [name for name, outcome in pending.items() if isinstance(outcome, torch.Tensor)]
+        if not names:
+            return dict(pending)  # type: ignore[arg-type]
+        stepped = torch.stack([pending[name] for name in names]).tolist()
+        return {**pending, **{name: STEPPED if ok else NONFINITE for name, ok in zip(names, stepped)}}
+
     def _book(self, name: str, outcome: str) -> None:
         state = self.state
         if outcome == STEPPED:
@@ -239,6 +263,14 @@ class GanStep:
         logger.warning(f"non-finite {name} loss or gradient at step {state.step}: its update skipped "
                        f"({state.nonfinite_in_row[name]} in a row)")
 
+    @staticmethod
+    def _weights_once(discriminator: torch.nn.Module) -> Any:
+        """The frozen discriminator's weight norms computed once for both of the generator pass's calls
+        (`parametrize.cached`); a compiled discriminator computes them inside its graph instead."""
+        if getattr(discriminator, "_compiled_call_impl", None) is not None:
+            return contextlib.nullcontext()
+        return torch.nn.utils.parametrize.cached()
+
     def _backward(self, loss: torch.Tensor, name: str) -> None:
         scaler = self.scalers.get(name)
         self.accelerator.backward(scaler.scale(loss) if scaler is not None else loss)
@@ -253,19 +285,38 @@ class GanStep:
             return torch.nn.utils.get_total_norm(grads)
         return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
 
+    def _nonfinite(self, *values: torch.Tensor) -> torch.Tensor:
+        """Per value, whether it is not finite on some process (float 0/1 on the device): one all-reduce."""
+        bad = torch.stack([(~torch.isfinite(v)).any().float() for v in values])
+        return self.accelerator.reduce(bad, reduction="sum") > 0
+
     def _all_finite(self, *values: torch.Tensor) -> list[bool]:
-        """Whether each value is finite on every process: one all-reduce for all of them."""
-        bad = torch.stack([(~torch.isfinite(v)).any().float() for v in values]).to(self.accelerator.device)
-        return [flag == 0 for flag in self.accelerator.reduce(bad, reduction="sum").tolist()]
+        """Whether each value is finite on every process (a host sync)."""
+        return [not flag for flag in self._nonfinite(*values).tolist()]
 
     def _update(self, name: str, model: torch.nn.Module, optimizer: Any, loss: torch.Tensor, max_norm: float,
-                logs: dict[str, torch.Tensor]) -> str:
+                logs: dict[str, torch.Tensor]) -> Outcome:
         """The end of one optimizer's accumulation window: unscale with its own scale, clip, check, step.
 
         Returns STEPPED, NONFINITE, or BACKOFF (fp16: a gradient overflowed at a loss scale above 1,
         so the scaler lowers the scale; a finite loss makes it a scaling matter, not a diverged model).
+        Fused AdamW without fp16 takes the check on the device instead (its ``found_inf``: the
+        kernel leaves the weights, moments and step count alone) and returns whether it stepped as
+        a device tensor, read back with the other at the update's end (`_after_update`).
         """
         scaler = self.scalers.get(name)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if scaler is None and inner.defaults.get("fused"):
+            norm = self._clip(model, max_norm)
+            logs[f"grad_norm/{name}"] = norm.detach()
+            bad = self._nonfinite(loss.detach(), norm).any()
+            inner.grad_scale, inner.found_inf = None, bad.float()
+            try:
+                optimizer.step()
+            finally:
+                del inner.grad_scale, inner.found_inf
+            optimizer.zero_grad(set_to_none=True)
+            return ~bad
         scale = scaler.get_scale() if scaler is not None else 1.0
         if scaler is not None:
             scaler.unscale_(optimizer)

@@ -8,6 +8,7 @@ stop; at the end it exports ``OUTPUT_DIR/final`` (`snac_accel.export`) and pushe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import weakref
@@ -23,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import checkpoints
 from . import data as data_lib
-from .card import describe_training_data
+from .card import describe_device, describe_training_data
 from .checkpoints import MODELS, TrainState, list_checkpoints
 from .codebook import DeadCodeRestarter, collapse_advice, default_dead_code_steps, seed_run_codebooks
 from .compile import compile_models, eager, refuse_accelerate_dynamo
@@ -35,9 +36,9 @@ from .hub import HubTokenError, push_to_hub
 from .lock import lock_output_dir
 from .losses import DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarialLoss, MultiScaleMelLoss
 from .model import SnacGenerator, build_generator, freeze, generator_from_pretrained
-from .progress import Progress, start_summary
+from .progress import Progress, count_flops, start_summary
 from .resume import apply_optimizer_options, log_changes, resume_plan, run_record, scale_learning_rate
-from .step import GanStep, NonFiniteError, build_optimizers, build_scheduler
+from .step import GanStep, NonFiniteError, build_optimizers, build_scheduler, use_fused_adam
 from .validation import Validator
 
 logger = get_logger(__name__)
@@ -77,6 +78,8 @@ class SnacTrainer:
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if acc.device.type == "cuda":  # training batches have one shape: cuDNN's autotuned choice serves them all
+            torch.backends.cudnn.benchmark = True
         set_seed(config.seed)
         self.control = RunControl(acc, config.max_train_minutes)
         self.state = TrainState()
@@ -88,7 +91,8 @@ class SnacTrainer:
             error = str(err)
         self.control.agree(error, stops=False)
         self._build_models()
-        self.opt_g, self.opt_d = build_optimizers(config, self.generator, self.discriminator)
+        self.opt_g, self.opt_d = build_optimizers(config, self.generator, self.discriminator,
+                                                  fused=use_fused_adam(config, acc.device))
         self.sched_g = build_scheduler(config, self.opt_g, self.max_steps)
         self.sched_d = build_scheduler(config, self.opt_d, self.max_steps)
         self.generator, self.discriminator, self.opt_g, self.opt_d = acc.prepare(
@@ -99,10 +103,6 @@ class SnacTrainer:
                                      use_buffers=True)
             acc.register_for_checkpointing(self.ema)
         acc.register_for_checkpointing(self.sched_g, self.sched_d, self.state)
-        if config.torch_compile:  # after prepare (`snac_accel.compile`)
-            parts = {"generator": self.unwrapped_generator, "discriminator": acc.unwrap_model(self.discriminator)}
-            compile_models([parts[p.strip()] for p in config.torch_compile_models.split(",") if p.strip()],
-                           config.torch_compile_mode, config.torch_compile_backend)
         frames = config.coarse_frames * config.train_batch_size * config.gradient_accumulation_steps * acc.num_processes
         self.dead_code_steps = (default_dead_code_steps(self.codebook_size, frames) if config.dead_code_steps is None
                                 else config.dead_code_steps)
@@ -118,6 +118,12 @@ class SnacTrainer:
                                           hand_written_backward=config.mel_backward == "hand_written").to(acc.device)
         self.disc_loss, self.adv_loss = DiscriminatorLoss(), GeneratorAdversarialLoss()
         self.fm_loss = FeatureMatchingLoss()
+        if config.torch_compile:  # after prepare (`snac_accel.compile`); each model with the losses of its outputs
+            parts = {"generator": [self.unwrapped_generator, self.mel_loss],
+                     "discriminator": [acc.unwrap_model(self.discriminator), self.disc_loss, self.adv_loss,
+                                       self.fm_loss]}
+            compile_models([m for p in config.torch_compile_models.split(",") if p.strip() for m in parts[p.strip()]],
+                           config.torch_compile_mode, config.torch_compile_backend)
         self.gan = GanStep(config, acc, self.state, self.generator, self.discriminator, self.opt_g, self.opt_d,
                            self.sched_g, self.sched_d, self.scalers, self.ema, self.restarter, self.mel_loss,
                            self.disc_loss, self.adv_loss, self.fm_loss, self.codebook_size)
@@ -126,6 +132,7 @@ class SnacTrainer:
             collapse_advice(config, self.dead_code_steps))
         self.bad_tracker = data_lib.BadFileTracker(max_fraction=config.max_bad_fraction)
         self._last_saved: Optional[tuple[int, int]] = None  # (step, best step) of the last checkpoint written
+        self._update_flops = 0.0  # FLOPs of the micro-batches of the first update so far (`_counts_flops`)
 
     # ------------------------------------------------------------------ building
 
@@ -238,14 +245,15 @@ class SnacTrainer:
         config, state = self.config, self.state
         if state.step % config.logging_steps and state.step != self.max_steps:
             return
-        logs = {k: v.item() for k, v in logs.items()}
+        logs = {**logs, **self.gan.window_logs()}
+        values = torch.stack([v.detach().float().reshape(()) for v in logs.values()])
+        logs = dict(zip(logs, values.tolist()))  # one transfer for every value
         logs.update({"lr/generator": self.sched_g.get_last_lr()[0], "lr/discriminator": self.sched_d.get_last_lr()[0],
                      "data/bad_files": state.bad_files})
         logs.update({f"train/skipped_updates_{n}": v for n, v in state.skipped_updates.items()})
         for name, scaler in self.scalers.items():
             logs[f"train/scaler_backoffs_{name}"] = state.scaler_backoffs[name]
             logs[f"train/loss_scale_{name}"] = scaler.get_scale()
-        logs.update(self.gan.window_logs())
         self.progress.log(logs, state.step)
 
     def validate(self) -> dict[str, float]:
@@ -325,8 +333,11 @@ class SnacTrainer:
             config = self.config
             datasets, words = describe_training_data(config)
             held = self.sources.held_out
+            progress = getattr(self, "progress", None)
             info = dict(steps=self.state.step, metrics=metrics, datasets=datasets, training_data=words,
                         validation_data=held.description if held is not None and held.count else None,
+                        throughput=progress.last if progress is not None else None,
+                        device=describe_device(self.accelerator),
                         rollbacks=self.state.extra.get("rollbacks"),
                         base_model=config.init_from, repo_id=config.hub_model_id, name=Path(config.output_dir).name)
             example = self.val_batch[:1].float().cpu() if self.val_batch is not None else None
@@ -387,7 +398,8 @@ class SnacTrainer:
         """
         config, acc = self.config, self.accelerator
         seconds_per_batch = config.train_batch_size * config.segment_samples / config.sampling_rate * acc.num_processes
-        self.progress = Progress(acc, self.max_steps, self.state.step, seconds_per_batch)
+        self.progress = Progress(acc, self.max_steps, self.state.step, seconds_per_batch,
+                                 self.state.extra.get("flops_per_update"))
         self.control.start_clock()
         try:
             with self.control.signals():
@@ -395,6 +407,7 @@ class SnacTrainer:
                     if not self._train_batch(real):  # the accumulation window is still open
                         continue
                     self.progress.bar.update(1)
+                    self.progress.updated()
                     self._log(self.logs)
                     if config.validation_steps and self.state.step % config.validation_steps == 0:
                         self._validate_and_keep_best()
@@ -410,13 +423,25 @@ class SnacTrainer:
     def _train_batch(self, real: torch.Tensor) -> bool:
         """One micro-batch; whether it closed an optimizer update. A divergence rolls back when asked."""
         step_before = self.state.step
+        counting = self._counts_flops()
         try:
-            self.logs = self.train_step(real)
+            with count_flops() if counting else contextlib.nullcontext([0.0]) as flops:
+                self.logs = self.train_step(real)
         except NonFiniteError as err:
             self._roll_back(err)
             return False
         self.progress.trained_batch()
+        if counting:
+            self._update_flops += flops[0]
+            if self.state.step != step_before:
+                self.state.extra["flops_per_update"] = self.progress.flops_per_update = self._update_flops
         return self.state.step != step_before
+
+    def _counts_flops(self) -> bool:
+        """The FLOPs of an update are counted once, on a fresh eager run's first update (kept in the
+        checkpoints for resumed runs); a compiled run's graphs hide their ops from the counter."""
+        return (self.state.step == 0 and not self.config.torch_compile
+                and "flops_per_update" not in self.state.extra)
 
     def _finish(self) -> Path:
         """Stopped by a signal: the checkpoint only. Otherwise a last validation, then the checkpoint

@@ -89,3 +89,23 @@ def test_accelerate_dynamo_backend_is_refused_before_training(tmp_path, monkeypa
     with pytest.raises(ConfigError, match="dynamo_backend INDUCTOR: its wrapper renames"):
         SnacTrainer(tiny_config(tmp_path))
     assert not (tmp_path / "run.lock").exists()
+
+
+def test_generator_forward_with_its_losses_is_one_graph():
+    # snac's hop_length is a numpy.int64: math.ceil on it in `preprocess` broke the graph in three.
+    import torch
+
+    from snac_accel.config import MODEL_PRESETS
+    from snac_accel.losses import MultiScaleMelLoss
+
+    torch.manual_seed(0)
+    generator = build_generator({**MODEL_PRESETS["tiny"], "noise": False})
+    mel = MultiScaleMelLoss(24000)
+
+    def losses(real):
+        out = generator(real)
+        return 15 * mel(out.audio, real) + 0.25 * out.commitment_loss + out.codebook_loss
+
+    explained = torch._dynamo.explain(losses)(0.1 * torch.randn(2, 1, 6000))
+    assert [str(b.reason) for b in explained.break_reasons] == []
+    assert explained.graph_count == 1

@@ -426,3 +426,50 @@ def test_streaming_training_run_checkpoints_its_position(tmp_path, demo_dir):
     states = [torch.load(p, weights_only=False) for p in checkpoint.glob("custom_checkpoint_*.pkl")]
     [position] = [s for s in states if "ranks" in s]
     assert position["ranks"][0]["positions"][0][1] >= 4  # rank 0, worker 0: at least 2 batches of 2 rows read
+
+
+def write_pcm_wav(path: Path, width: int, channels: int, rate: int = RATE, frames: int = 36000) -> Path:
+    """Random PCM samples written by the standard library (8, 16, 24 or 32 bits)."""
+    import wave
+
+    import numpy as np
+
+    x = np.random.default_rng(width * 10 + channels).uniform(-0.9, 0.9, (frames, channels))
+    if width == 1:
+        raw = (x * 127 + 128).astype(np.uint8).tobytes()
+    elif width == 3:
+        raw = (x * 2 ** 23).astype("<i4").view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
+    else:
+        raw = (x * 2 ** (8 * width - 1)).astype(f"<i{width}").tobytes()
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(width)
+        out.setframerate(rate)
+        out.writeframes(raw)
+    return path
+
+
+def test_pcm_wav_at_the_model_rate_is_read_without_ffmpeg_as_torchcodec_reads_it(tmp_path, monkeypatch):
+    from snac_accel.data.wav import open_pcm_wav
+
+    feature = datasets.Audio(sampling_rate=RATE, num_channels=1)
+    for width, channels in [(1, 1), (2, 1), (3, 1), (4, 1), (2, 2)]:
+        path = str(write_pcm_wav(tmp_path / f"pcm{width}_{channels}.wav", width, channels))
+        row = {"path": path, "bytes": None}
+        fast, ffmpeg = open_pcm_wav(row, RATE), feature.decode_example(row)
+        assert torch.equal(fast.get_all_samples().data, ffmpeg.get_all_samples().data), (width, channels)
+        assert torch.equal(fast.get_samples_played_in_range(0.5, 1.0).data,
+                           ffmpeg.get_samples_played_in_range(0.5, 1.0).data), (width, channels)
+        with open(path, "rb") as f:  # rows of a datasets folder carry the bytes
+            in_bytes = open_pcm_wav({"path": None, "bytes": f.read()}, RATE)
+        assert torch.equal(in_bytes.get_all_samples().data, ffmpeg.get_all_samples().data)
+    # Another rate, a float WAV, another container: FFmpeg's path (its resampler, its formats).
+    assert open_pcm_wav({"path": str(write_pcm_wav(tmp_path / "16k.wav", 2, 1, rate=16000))}, RATE) is None
+    write_float_wav(tmp_path / "float.wav", torch.zeros(100), RATE)
+    assert open_pcm_wav({"path": str(tmp_path / "float.wav")}, RATE) is None
+    assert open_pcm_wav({"path": str(DEMO / "train" / "clip_000.flac")}, RATE) is None
+    # A training excerpt of a WAV file never reaches torchcodec.
+    monkeypatch.setattr(datasets.Audio, "decode_example", lambda *a, **k: pytest.fail("decoded with torchcodec"))
+    clip = D.excerpt_from_row(feature, {"path": str(tmp_path / "pcm2_1.wav"), "bytes": None}, SPEC,
+                              torch.Generator().manual_seed(0))
+    assert clip.audio is not None and clip.audio.shape == (1, LENGTH)

@@ -398,9 +398,11 @@ def test_fp16_scales_each_optimizer_on_its_own_with_accumulation(tmp_path):
     assert fp16.ema.n_averaged.item() == 1
 
 
-def test_discriminator_nonfinite_steps_are_booked_apart_and_stop_the_run(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["host_check", "fused_found_inf"])
+def test_discriminator_nonfinite_steps_are_booked_apart_and_stop_the_run(tmp_path, fused):
+    # fused: AdamW's found_inf skips the step on the device (the GPU default); the booking is the same.
     trainer = SnacTrainer(tiny_config(tmp_path, train_batch_size=2, segment_seconds=0.25, max_nonfinite_steps=2,
-                                      ema_decay=0.5, validation_data_dir=None))
+                                      ema_decay=0.5, validation_data_dir=None, adam_fused=fused))
     trainer.sampler.set_epoch(0)
     batches = iter(trainer.train_loader)
     param = next(trainer.discriminator.parameters())
@@ -412,6 +414,8 @@ def test_discriminator_nonfinite_steps_are_booked_apart_and_stop_the_run(tmp_pat
     assert state.nonfinite_in_row == {"generator": 0, "discriminator": 1}
     assert (trainer.sched_g.last_epoch, trainer.sched_d.last_epoch, trainer.ema.n_averaged.item()) == (1, 0, 1)
     assert torch.equal(param.detach(), before_d)
+    assert all(float(s.get("step", 0)) == 0 and not any(torch.is_tensor(v) and v.numel() > 1 and v.abs().sum() > 0
+                                                        for v in s.values()) for s in trainer.opt_d.state.values())
     with pytest.raises(NonFiniteError, match="2 non-finite updates in a row of the discriminator at step 1"):
         trainer.train_step(next(batches)["audio"])
     hook.remove()

@@ -1,6 +1,7 @@
 """Audio data, in four layers that import only downwards: sources -> clips -> loaders -> streaming.
 
 - `sources`: Hub ids, dataset folders, audio folders and manifests as datasets of undecoded rows.
+- `wav`: PCM WAV decoded without FFmpeg (the fast path of `clips`).
 - `clips`: decoding (torchcodec through ``datasets.Audio``), salient excerpts, loudness, broken files.
 - `loaders`: the epoch sampler, the DataLoader, a source's first check.
 - `streaming`: ``--streaming`` sources split by process, and their checkpointed position.

@@ -1,10 +1,11 @@
 """From an undecoded audio row to a training clip: decoding, salient excerpts, loudness, broken files.
 
 Rows are decoded with the ``datasets.Audio`` feature (torchcodec, at the model's rate, mixed down
-to mono). Every training sample is a pure function of (seed, epoch, index): an excerpt's randomness
-is seeded from its key, so a resumed run (or a run with more workers) sees exactly the same clips.
-Several sources are mixed by weight through a per-epoch index map that is itself a function of
-(seed, epoch). A file that cannot be used (empty, truncated, not audio, NaN or inf, silent) is
+to mono); PCM WAV at the model's rate by the standard library (`snac_accel.data.wav`). Every
+training sample is a pure function of (seed, epoch, index): an excerpt's randomness is seeded
+from its key, so a resumed run (or a run with more workers) sees exactly the same clips. Several
+sources are mixed by weight through a per-epoch index map that is itself a function of (seed,
+epoch). A file that cannot be used (empty, truncated, not audio, NaN or inf, silent) is
 replaced by another one, counted and named once in the log (`BadFileTracker`).
 """
 
@@ -23,6 +24,7 @@ import torch
 from accelerate.logging import get_logger
 
 from .sources import DataError, audio_column
+from .wav import open_pcm_wav
 
 logger = get_logger(__name__)
 
@@ -191,11 +193,13 @@ def row_name(raw: Any, fallback: str) -> str:
 
 
 def excerpt_from_row(feature: datasets.Audio, raw: Any, spec: ExcerptSpec, generator: Optional[torch.Generator]) -> Clip:
-    """Decode one undecoded row with ``feature`` and cut the excerpt; any decoding failure is a `Clip` problem."""
+    """Decode one undecoded row (PCM WAV at the model's rate without FFmpeg, anything else with ``feature``)
+    and cut the excerpt; any decoding failure is a `Clip` problem."""
     try:
         if raw is None or isinstance(raw, dict) and not raw.get("bytes") and not raw.get("path"):
             return Clip(None, "no audio in the row")
-        return make_excerpt(feature.decode_example(raw), spec, generator)
+        decoder = open_pcm_wav(raw, spec.sample_rate) or feature.decode_example(raw)
+        return make_excerpt(decoder, spec, generator)
     except Exception as err:  # torchcodec/FFmpeg raise many types for truncated or non-audio input
         return Clip(None, decode_problem(err))
 
