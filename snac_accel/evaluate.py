@@ -32,7 +32,7 @@ from accelerate.logging import get_logger
 
 from . import data as data_lib
 from . import perceptual
-from .card import codec_rates
+from .paper import codec_rates, format_text, markdown_table, paper_row, published_row
 from .codebook import code_counts, collapse_warnings, histogram_statistics
 from .hub import ensure_accelerate_state, load_codec
 from .losses import MultiScaleMelLoss, MultiScaleSTFTLoss, si_sdr
@@ -229,7 +229,7 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
         logger.warning(line)
     entropy_bound = sum(lv["tokens_per_second"] * lv["entropy_bits"] for lv in levels)
     result = {
-        "clips": len(files), "audio_seconds": seconds_total, "bad_files": bad.total,
+        "codec_config": config, "clips": len(files), "audio_seconds": seconds_total, "bad_files": bad.total,
         "bad_examples": sorted(bad.seen)[:20], "sample_rate": sample_rate,
         "metrics": running.means(), "metric_failures": dict(quality.failures) if quality else {},
         "bitrate": {**rates, "entropy_bound_bps": entropy_bound, "efficiency": entropy_bound / rates["bitrate_bps"]},
@@ -255,6 +255,15 @@ def clip_metrics(fake: torch.Tensor, real: torch.Tensor, mel_loss: MultiScaleMel
     if quality is not None:
         scores.update(quality(fake, real))
     return scores
+
+
+def evaluation_row(result: dict[str, Any], codec: str, data: str) -> dict[str, Any]:
+    """The paper row (`snac_accel.paper`) of an `evaluate` result."""
+    metrics = dict(result["metrics"])
+    for level in result["codebooks"]:
+        metrics[f"codebook_usage_level{level['level']}"] = level["usage"]
+        metrics[f"codebook_efficiency_level{level['level']}"] = level["efficiency"]
+    return paper_row(codec, data, result["codec_config"], metrics, result["settings"]["visqol_mode"])
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -306,6 +315,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", default="eval_results.json", help="where the full results go")
+    parser.add_argument("--output_markdown", default=None,
+                        help="also write the paper row (and the published SNAC row) as a Markdown table here")
     return parser.parse_args(argv)
 
 
@@ -327,11 +338,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stderr.write(f"error: {type(err).__name__}: {err}\n")
         return 1
     result = {"model": args.model, "data": args.data, **result}
+    row = evaluation_row(result, Path(args.model.rstrip("/")).name or args.model,
+                         f"{Path(args.data.rstrip('/')).name or args.data} ({result['clips']} files)")
+    published = published_row(result["sample_rate"])
+    result.update(paper_row=row, published_row=published)
+    if args.output_markdown:
+        Path(args.output_markdown).write_text(markdown_table([row] + ([published] if published else [])) + "\n")
     output = Path(args.output_json)
     if output.parent != Path(""):
         output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
-    sys.stdout.write(format_table(result) + f"\n\nfull results: {os.fspath(output)}\n")
+    lines = [format_table(result), "", "paper row:", format_text(row)]
+    if published:
+        lines += ["published (SNAC paper, other data):", format_text(published)]
+    sys.stdout.write("\n".join(lines) + f"\n\nfull results: {os.fspath(output)}\n")
     return 0
 
 

@@ -25,6 +25,7 @@ ROWS = [
      "snac_accel.data.*", "snac_accel.tokenizer", "snac_accel.tokenizer.tokens", "snac_accel.tokenizer.chunks"],
     ["snac_accel.lock", "snac_accel.checkpoints", "snac_accel.progress", "snac_accel.compile", "snac_accel.control",
      "snac_accel.resume"],
+    ["snac_accel.paper"],
     ["snac_accel.card"],
     ["snac_accel.hub"],
     ["snac_accel.evaluate"],
