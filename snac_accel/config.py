@@ -235,6 +235,12 @@ class TrainConfig:
     tracker_project_name: str = _choice("Tracker project name.", "snac-accel")
     logging_steps: int = _choice("Log every N optimizer steps.", 10)
     validation_steps: int = _choice("Validate every N optimizer steps (0: only at the end).", 0)
+    quality_metrics_steps: int = _choice(
+        "Also compute ViSQOL, PESQ-WB and STOI of the validation clips at every Nth validation; 0: only at the "
+        "run's last validation (the final model card's paper row); -1: never. On the CPU they cost several times "
+        "a validation without them (README).", 0)
+    visqol_mode: str = _choice("ViSQOL mode: speech (16 kHz) or audio (48 kHz); auto: speech for codecs at 24 kHz "
+                               "or below, audio above.", "auto", ["auto", "speech", "audio"])
     checkpointing_steps: int = _choice("Save training state every N optimizer steps (0: only at the end).", 500)
     checkpoints_total_limit: Optional[int] = _choice("Keep at most this many checkpoints.", None)
     resume_from_checkpoint: Optional[str] = _choice("'latest' or a checkpoint folder.", None)
@@ -340,6 +346,8 @@ class TrainConfig:
             errors.append("--train_batch_size and --gradient_accumulation_steps must be at least 1")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             errors.append("--max_train_steps must be at least 1")
+        if self.quality_metrics_steps < -1:
+            errors.append("--quality_metrics_steps must be -1 (never), 0 (the last validation only) or a count N")
         if self.logging_steps < 1:
             errors.append("--logging_steps must be at least 1 (the last update is always logged too)")
         if self.max_nonfinite_steps < 1 or self.max_rollbacks < 0:
