@@ -20,7 +20,7 @@ LONG_MODULES = {
 }
 # Lowest first. A module imports modules of its own row or of lower rows, never of a higher one.
 ROWS = [
-    ["snac_accel.config", "snac_accel.demo_data", "snac_accel.demo_data.generate"],
+    ["snac_accel.config", "snac_accel.demo_data", "snac_accel.demo_data.generate", "snac_accel.demo_data.real_speech"],
     ["snac_accel.model", "snac_accel.codebook", "snac_accel.discriminators", "snac_accel.losses", "snac_accel.perceptual", "snac_accel.data",
      "snac_accel.data.*", "snac_accel.tokenizer", "snac_accel.tokenizer.tokens", "snac_accel.tokenizer.chunks"],
     ["snac_accel.lock", "snac_accel.checkpoints", "snac_accel.progress", "snac_accel.compile", "snac_accel.control",
