@@ -1,7 +1,7 @@
-"""Does the codec learn, and what does the GAN add? Fixed-step `tiny` trainings on the demo train clips,
-measured on the bundled real speech (recorded voices, never trained on) against the untrained model.
+"""Does the codec learn, and what does the GAN add? Fixed-step trainings with the demo's options
+(`snac_accel/demo_data/demo.yaml`: `tiny`, the demo train clips), measured on the bundled real speech (recorded voices, never trained on) against the untrained model.
 
-    python benchmarks/quality.py [--steps 600] [--gan_from 200,400] [--set key=value ...] [--json out.json]
+    python benchmarks/quality.py [--steps 450] [--gan_from 250,350] [--set key=value ...] [--json out.json]
         [--markdown rows.md]
 
 Prints, for the untrained and each trained codec: ViSQOL, PESQ-WB, STOI (`snac_accel.perceptual`),
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from snac_accel import TrainConfig, train
+from snac_accel import train
+from snac_accel.config import parse_args
 from snac_accel.evaluate import evaluate, evaluation_row, open_source
 from snac_accel.paper import format_text, markdown_table, published_row
 from snac_accel.hub import load_codec
@@ -75,7 +76,7 @@ def variants(gan_from: str) -> list[tuple[str, dict]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps (the demo's count)")
+    parser.add_argument("--steps", type=int, default=450, help="optimizer steps (the demo's count)")
     parser.add_argument("--gan_from", default="", help="comma-separated disc_start steps to compare with no GAN")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig override")
     parser.add_argument("--output_dir", default=None, help="keep the runs here (default: a temporary folder)")
@@ -89,10 +90,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for name, variant in variants(args.gan_from):
             output_dir = str(Path(args.output_dir or scratch) / name.replace(" ", "_"))
-            config = TrainConfig(**{"dataset": "demo", "preset": "tiny", "output_dir": output_dir,
-                                    "max_train_steps": args.steps, "checkpointing_steps": 0, "report_to": "none",
-                                    "validation_data_dir": str(REAL_SPEECH), "quality_metrics_steps": -1,
-                                    "logging_steps": max(1, args.steps // 10), **overrides, **variant})
+            # the demo's options (demo.yaml), its length and GAN start from the command line
+            config = parse_args(["--config", str(DEMO / "demo.yaml"), "--output_dir", output_dir, "--report_to",
+                                 "none", "--validation_data_dir", str(REAL_SPEECH), "--max_train_steps",
+                                 str(args.steps), "--checkpointing_steps", "0", "--quality_metrics_steps", "-1"])
+            for key, value in {**overrides, **variant}.items():
+                setattr(config, key, value)
             if not results:
                 torch.manual_seed(config.seed)
                 results["untrained"] = {"figures": measure(build_generator(config.model_config).eval(), "untrained",
