@@ -208,7 +208,7 @@ signal_children() {
 }
 
 # The demo's options are in snac_accel/demo_data/demo.yaml: the tiny preset and the "cpu" recipe on the
-# bundled espeak clips, the discriminators on from step 250 of 450 (about 12 minutes on 2 cores; the
+# bundled espeak clips, the discriminators on from step 250 of 420 (about 12 minutes on 2 cores; the
 # share measured with benchmarks/quality.py --gan_from), validated on the bundled real speech. It ends
 # with the paper row of the exported codec on those recordings (never trained on).
 demo() {

@@ -1,7 +1,7 @@
 """Does the codec learn, and what does the GAN add? Fixed-step trainings with the demo's options
 (`snac_accel/demo_data/demo.yaml`: `tiny`, the demo train clips), measured on the bundled real speech (recorded voices, never trained on) against the untrained model.
 
-    python benchmarks/quality.py [--steps 450] [--gan_from 250,350] [--set key=value ...] [--json out.json]
+    python benchmarks/quality.py [--steps 420] [--gan_from 150,250] [--set key=value ...] [--json out.json]
         [--markdown rows.md]
 
 Prints, for the untrained and each trained codec: ViSQOL, PESQ-WB, STOI (`snac_accel.perceptual`),
@@ -76,7 +76,7 @@ def variants(gan_from: str) -> list[tuple[str, dict]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=450, help="optimizer steps (the demo's count)")
+    parser.add_argument("--steps", type=int, default=420, help="optimizer steps (the demo's count)")
     parser.add_argument("--gan_from", default="", help="comma-separated disc_start steps to compare with no GAN")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig override")
     parser.add_argument("--output_dir", default=None, help="keep the runs here (default: a temporary folder)")
