@@ -28,6 +28,8 @@ from .config import DATASET_PRESETS, TrainConfig
 from .data import split_option
 from .losses import MultiScaleMelLoss
 from .model import SnacGenerator, seeded_noise
+from .paper import codec_rates, markdown_table, paper_row, published_row
+from .perceptual import visqol_mode
 
 logger = get_logger(__name__)
 
@@ -40,14 +42,6 @@ DB_RANGE = 80.0  # the colour scale: from the original's peak down to 80 dB belo
 # ----------------------------------------------------------------------------- text
 
 
-def codec_rates(config: dict[str, Any]) -> dict[str, Any]:
-    """Token rate per level (coarse first), bits per token and the bitrate of a SNAC config."""
-    hop = math.prod(config["encoder_rates"])
-    rates = [config["sampling_rate"] / hop / stride for stride in config["vq_strides"]]
-    bits = math.log2(config["codebook_size"])
-    return {"tokens_per_second": rates, "bits_per_token": bits, "bitrate_bps": sum(rates) * bits}
-
-
 def _metric_name(key: str) -> str:
     return key.split("/", 1)[-1]
 
@@ -55,7 +49,7 @@ def _metric_name(key: str) -> str:
 METRIC_DEFINITIONS = ("Metrics as DAC computes them, so they compare with DAC's and SNAC's published figures: mel "
                       "distance is DAC's multi-scale mel loss (7 scales, log10 magnitudes), STFT distance the L1 of "
                       "log power and linear magnitude spectra at windows 2048 and 512, SI-SDR is measured on "
-                      "zero-mean signals.")
+                      "zero-mean signals; ViSQOL, PESQ-WB and STOI as `snac_accel.perceptual` defines them.")
 
 
 def codebook_rows(metrics: dict[str, Any]) -> list[tuple[int, float, float]]:
@@ -88,12 +82,30 @@ def describe_device(accelerator: Any) -> str:
     return f"{accelerator.num_processes} x {name}"
 
 
+def paper_section(codec: str, data: str, config: dict[str, Any], metrics: dict[str, Any],
+                  mode: Optional[str] = None) -> list[str]:
+    """The card's paper row (`snac_accel.paper`) beside the SNAC paper's published row for the sample rate."""
+    mode = mode or visqol_mode("auto", config["sampling_rate"])
+    rows = [paper_row(codec, data, config, metrics, mode if any(_metric_name(k) == "visqol" for k in metrics) else None)]
+    published = published_row(config["sampling_rate"])
+    lines = ["", "## Paper row", "", "The figures codec papers print, for this codec on " + data + ". "
+             + ("The second row is the SNAC paper's (arXiv 2410.14411) as published: other data, a released-size "
+                "model trained for 800k iterations, so a reference point, not a like-for-like comparison."
+                if published else f"The SNAC paper publishes no row at {config['sampling_rate']} Hz."),
+             "", markdown_table(rows + ([published] if published else [])), "",
+             "ViSQOL v3 (speech mode at 16 kHz or audio mode at 48 kHz), PESQ wide-band (16 kHz) and STOI (16 kHz "
+             "signals, 10 kHz inside) come from `snac_accel.perceptual`; '-' marks a figure not measured (or not "
+             "published). Codebook usage: share of each level's codes used, coarse first; efficiency: entropy bound "
+             "over the bitrate."]
+    return lines
+
+
 def model_card(model: SnacGenerator, info: dict[str, Any]) -> str:
     """A model card with YAML metadata so the Hub lists the codec under `library_name: snac`.
 
     ``info`` keys (all optional): name, repo_id, steps, datasets (Hub ids), training_data (words), rollbacks,
-    base_model, throughput (`Progress.last`), device (`describe_device`), metrics, metrics_source, and the figures
-    `draw_figures` returns (figure, usage_figure, usage_source).
+    base_model, throughput (`Progress.last`), device (`describe_device`), metrics, metrics_source, paper_data and
+    visqol_mode (the paper row's), and the figures `draw_figures` returns (figure, usage_figure, usage_source).
     """
     config = model.config
     rates = codec_rates(config)
@@ -144,6 +156,8 @@ def model_card(model: SnacGenerator, info: dict[str, Any]) -> str:
         lines += ["| metric | value |", "| --- | --- |"]
         lines += [f"| {_metric_name(k)} | {v:.4f} |" for k, v in quality.items()]
         lines += ["", METRIC_DEFINITIONS]
+        lines += paper_section(info.get("name") or "this codec", info.get("paper_data") or "the validation clips",
+                               config, metrics, info.get("visqol_mode"))
         levels = codebook_rows(metrics)
         if levels:
             lines += ["", "## Codebook health", "",

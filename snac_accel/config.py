@@ -190,6 +190,12 @@ class TrainConfig:
     tracker_project_name: str = _choice("Tracker project name.", "snac-accel")
     logging_steps: int = _choice("Log every N optimizer steps.", 10)
     validation_steps: int = _choice("Validate every N optimizer steps (0: only at the end).", 0)
+    quality_metrics_steps: int = _choice(
+        "Also compute ViSQOL, PESQ-WB and STOI of the validation clips at every Nth validation; 0: only at the "
+        "run's last validation (the final model card's paper row); -1: never. On the CPU they cost several times "
+        "a validation without them (README).", 0)
+    visqol_mode: str = _choice("ViSQOL mode: speech (16 kHz) or audio (48 kHz); auto: speech for codecs at 24 kHz "
+                               "or below, audio above.", "auto", ["auto", "speech", "audio"])
     checkpointing_steps: int = _choice("Save training state every N optimizer steps (0: only at the end).", 500)
     checkpoints_total_limit: Optional[int] = _choice("Keep at most this many checkpoints.", None)
     resume_from_checkpoint: Optional[str] = _choice("'latest' or a checkpoint folder.", None)

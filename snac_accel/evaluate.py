@@ -7,8 +7,8 @@ audio file, a CSV/JSONL manifest, or a Hub dataset id / local dataset folder (wi
 Every file is encoded and decoded whole (up to ``--max_seconds``), one at a time, so metrics are not
 diluted by padding. Per file, computed as DAC computes them so that figures compare with DAC's and
 SNAC's published ones: multi-scale mel distance (DAC's mel loss), multi-scale STFT distance (log
-power and linear magnitude, windows 2048 and 512) and SI-SDR on zero-mean signals; plus wide-band
-PESQ and STOI when the optional ``pesq`` / ``pystoi`` packages are installed (the ``eval`` extra).
+power and linear magnitude, windows 2048 and 512) and SI-SDR on zero-mean signals; plus ViSQOL, wide-band
+PESQ and STOI (`snac_accel.perceptual`: definitions and resampling there).
 Over the whole set: codebook usage, entropy and bitrate efficiency (entropy / log2 codebook size)
 per level, bitrate, and encode/decode real-time factors (seconds of compute per second of audio;
 below 1 is faster than real time). Unusable files are skipped, named once in the log and counted.
@@ -17,7 +17,6 @@ below 1 is faster than real time). Unusable files are skipped, named once in the
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -32,14 +31,15 @@ import torch
 from accelerate.logging import get_logger
 
 from . import data as data_lib
-from .card import codec_rates
+from . import perceptual
+from .paper import codec_rates, format_text, markdown_table, paper_row, published_row
 from .codebook import code_counts, collapse_warnings, histogram_statistics
 from .hub import ensure_accelerate_state, load_codec
 from .losses import MultiScaleMelLoss, MultiScaleSTFTLoss, si_sdr
+from .perceptual import PerceptualMetrics
 
 logger = get_logger(__name__)
 
-PESQ_RATE = 16000  # wide-band PESQ is defined at 16 kHz
 
 
 def _codec_config(model: torch.nn.Module) -> dict[str, Any]:
@@ -105,16 +105,15 @@ def load_clip(raw: Any, sample_rate: int, max_samples: int, target_loudness: Opt
     return audio.reshape(1, 1, -1), ""
 
 
-def _speech_metrics(mode: Optional[bool]) -> dict[str, bool]:
-    """Which of PESQ / STOI to compute: None = those whose package is installed."""
-    available = {"pesq": importlib.util.find_spec("pesq") is not None,
-                 "stoi": importlib.util.find_spec("pystoi") is not None}
+def _perceptual(mode: Optional[bool], sample_rate: int, visqol_mode: str) -> Optional[PerceptualMetrics]:
+    """ViSQOL / PESQ-WB / STOI of each file, or None: ``mode`` None = when their packages import, True =
+    required (ImportError naming them otherwise), False = off."""
     if mode is False:
-        return {"pesq": False, "stoi": False}
-    if mode is True and not all(available.values()):
-        missing = [pkg for name, pkg in (("pesq", "pesq"), ("stoi", "pystoi")) if not available[name]]
-        raise ImportError(f"speech metrics need {', '.join(missing)}: pip install 'snac-accel[eval]'")
-    return available
+        return None
+    missing = perceptual.available()
+    if missing and mode is True:
+        raise ImportError(missing)
+    return None if missing else PerceptualMetrics(sample_rate, visqol_mode)
 
 
 def _sync(device: torch.device) -> None:
@@ -141,34 +140,35 @@ class _Running:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, source: Any, max_clips: Optional[int] = None, max_seconds: float = 30.0,
              target_loudness: Optional[float] = None, speech_metrics: Optional[bool] = None, timing: bool = True,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, visqol_mode: str = "auto") -> dict[str, Any]:
     """Metrics of ``model`` (a `snac.SNAC`) over ``source``: a dataset with an `audio` column (decoded
     or not, map-style or streaming), a list of them, or `open_source`'s (name, dataset) pairs.
 
     ``target_loudness`` (LUFS) normalises each file first, as training does; None keeps the data's
-    level. The decoder's noise is re-seeded per file, so two runs give the same numbers. The model is
-    left in eval mode.
+    level. ``speech_metrics`` switches ViSQOL, PESQ-WB and STOI (None: on when their packages import);
+    ``visqol_mode`` is `snac_accel.perceptual.visqol_mode`'s. The decoder's noise is re-seeded per file,
+    so two runs give the same numbers. The model is left in eval mode.
     """
     ensure_accelerate_state()
     model.eval()
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG stays
         return _evaluate(model, source, device, max_clips, max_seconds, target_loudness, speech_metrics, timing,
-                         seed)
+                         seed, visqol_mode)
 
 
 def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_clips: Optional[int],
               max_seconds: float, target_loudness: Optional[float], speech_metrics: Optional[bool], timing: bool,
-              seed: int) -> dict[str, Any]:
+              seed: int, visqol_mode: str) -> dict[str, Any]:
     config = _codec_config(model)
     sample_rate, hop, strides, size = (config["sampling_rate"], math.prod(config["encoder_rates"]),
                                        config["vq_strides"], config["codebook_size"])
     mel_loss = MultiScaleMelLoss(sample_rate).to(device)
     stft_loss = MultiScaleSTFTLoss().to(device)
-    speech = _speech_metrics(speech_metrics)
+    quality = _perceptual(speech_metrics, sample_rate, visqol_mode)
     bad = data_lib.BadFileTracker(max_fraction=1.0)
     counts = torch.zeros(len(strides), size, dtype=torch.float64)
-    running, files, failures = _Running(), [], {}
+    running, files = _Running(), []
     seconds_total = encode_seconds = decode_seconds = 0.0
     warmed_up = not timing
     max_samples = int(max_seconds * sample_rate)
@@ -207,7 +207,7 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
                               size)
 
         row = {"name": name, "samples": length, "seconds": round(seconds, 4),
-               **clip_metrics(fake, real, mel_loss, stft_loss, sample_rate, speech, failures)}
+               **clip_metrics(fake, real, mel_loss, stft_loss, quality)}
         for key, value in row.items():
             if key not in ("name", "samples", "seconds"):
                 running.add(key, value)
@@ -230,13 +230,14 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
         logger.warning(line)
     entropy_bound = sum(lv["tokens_per_second"] * lv["entropy_bits"] for lv in levels)
     result = {
-        "clips": len(files), "audio_seconds": seconds_total, "bad_files": bad.total,
+        "codec_config": config, "clips": len(files), "audio_seconds": seconds_total, "bad_files": bad.total,
         "bad_examples": sorted(bad.seen)[:20], "sample_rate": sample_rate,
-        "metrics": running.means(), "metric_failures": failures,
+        "metrics": running.means(), "metric_failures": dict(quality.failures) if quality else {},
         "bitrate": {**rates, "entropy_bound_bps": entropy_bound, "efficiency": entropy_bound / rates["bitrate_bps"]},
         "codebooks": levels,
         "settings": {"max_seconds": max_seconds, "target_loudness": target_loudness, "seed": seed,
-                     "speech_metrics": [k for k, v in speech.items() if v]},
+                     "perceptual_metrics": list(quality.metrics) if quality else [],
+                     "visqol_mode": quality.mode if quality else None},
         "files": files,
     }
     if timing:
@@ -247,47 +248,23 @@ def _evaluate(model: torch.nn.Module, source: Any, device: torch.device, max_cli
 
 
 def clip_metrics(fake: torch.Tensor, real: torch.Tensor, mel_loss: MultiScaleMelLoss, stft_loss: MultiScaleSTFTLoss,
-                 sample_rate: int, speech: dict[str, bool], failures: dict[str, int]) -> dict[str, float]:
-    """The per-file metrics of a reconstruction ``fake`` of ``real`` (both [1, 1, T]), as DAC computes them."""
+                 quality: Optional[PerceptualMetrics] = None) -> dict[str, float]:
+    """The per-file metrics of a reconstruction ``fake`` of ``real`` (both [1, 1, T]): DAC's spectral
+    distances and SI-SDR, and with ``quality`` ViSQOL, PESQ-WB and STOI (`snac_accel.perceptual`)."""
     scores = {"mel_distance": mel_loss(fake, real).item(), "stft_distance": stft_loss(fake, real).item(),
               "si_sdr": si_sdr(fake, real).mean().item()}
-    scores.update(_speech_scores(fake, real, sample_rate, speech, failures))
+    if quality is not None:
+        scores.update(quality(fake, real))
     return scores
 
 
-def _speech_scores(fake: torch.Tensor, real: torch.Tensor, sample_rate: int, speech: dict[str, bool],
-                   failures: dict[str, int]) -> dict[str, float]:
-    """Wide-band PESQ and STOI of one file; a file the metric rejects (no speech found) gets none,
-    is counted in ``failures``, and the first rejection of each metric is logged."""
-    if not any(speech.values()):
-        return {}
-    import torchaudio
-
-    fake, real = fake.float().reshape(-1).cpu(), real.float().reshape(-1).cpu()
-
-    def pesq() -> torch.Tensor:
-        from torchmetrics.functional.audio.pesq import perceptual_evaluation_speech_quality
-
-        f16, r16 = (torchaudio.functional.resample(x, sample_rate, PESQ_RATE) for x in (fake, real))
-        return perceptual_evaluation_speech_quality(f16, r16, PESQ_RATE, "wb")
-
-    def stoi() -> torch.Tensor:
-        from torchmetrics.functional.audio.stoi import short_time_objective_intelligibility
-
-        return short_time_objective_intelligibility(fake, real, sample_rate)
-
-    metrics = {"pesq_wb": pesq, "stoi": stoi}
-    scores: dict[str, float] = {}
-    for name, package in (("pesq_wb", "pesq"), ("stoi", "stoi")):
-        if not speech[package]:
-            continue
-        try:
-            scores[name] = float(metrics[name]())
-        except Exception as err:  # pesq raises for a file without an utterance, for one
-            if name not in failures:
-                logger.warning(f"{name} failed on a file ({type(err).__name__}: {err}); such files get no {name}")
-            failures[name] = failures.get(name, 0) + 1
-    return scores
+def evaluation_row(result: dict[str, Any], codec: str, data: str) -> dict[str, Any]:
+    """The paper row (`snac_accel.paper`) of an `evaluate` result."""
+    metrics = dict(result["metrics"])
+    for level in result["codebooks"]:
+        metrics[f"codebook_usage_level{level['level']}"] = level["usage"]
+        metrics[f"codebook_efficiency_level{level['level']}"] = level["efficiency"]
+    return paper_row(codec, data, result["codec_config"], metrics, result["settings"]["visqol_mode"])
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -295,7 +272,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['clips']} clips, {result['audio_seconds']:.1f} s of audio, "
              f"{result['bad_files']} unusable files skipped", "", f"{'metric':<28}{'value':>12}"]
     names = {"mel_distance": "mel distance (lower better)", "stft_distance": "STFT distance (lower better)",
-             "si_sdr": "SI-SDR dB (higher better)", "pesq_wb": "PESQ wide-band", "stoi": "STOI"}
+             "si_sdr": "SI-SDR dB (higher better)", "pesq_wb": "PESQ wide-band", "stoi": "STOI",
+             "visqol": "ViSQOL MOS-LQO"}
     for key, value in result["metrics"].items():
         lines.append(f"{names.get(key, key):<28}{value:>12.4f}")
     rate = result["bitrate"]
@@ -329,12 +307,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--target_loudness", type=float, default=None,
                         help="normalise each file to this LUFS first (training uses -16); default keeps the level")
     parser.add_argument("--speech_metrics", choices=["auto", "on", "off"], default="auto",
-                        help="PESQ and STOI: auto computes them when pesq / pystoi are installed")
+                        help="ViSQOL, PESQ-WB and STOI (installed with snac-accel; most of the evaluation's time): "
+                             "auto computes them when their packages import")
+    parser.add_argument("--visqol_mode", choices=list(perceptual.VISQOL_MODES), default="auto",
+                        help="ViSQOL speech mode (16 kHz) or audio mode (48 kHz); auto: speech for codecs at "
+                             "24 kHz or below, audio above")
     parser.add_argument("--use_ema", action="store_true", help="with a training checkpoint: its EMA weights")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", default=None,
                         help="write the full results (per file, per level) to this JSON file; without it, none")
+    parser.add_argument("--output_markdown", default=None,
+                        help="also write the paper row (and the published SNAC row) as a Markdown table here")
     return parser.parse_args(argv)
 
 
@@ -350,13 +334,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         source = open_source(args.data, args.split, args.dataset_config_name, args.audio_column,
                              args.path_column, args.streaming, args.revision)
         result = evaluate(model, source, max_clips=args.max_clips, max_seconds=args.max_seconds,
-                          target_loudness=args.target_loudness, seed=args.seed,
+                          target_loudness=args.target_loudness, seed=args.seed, visqol_mode=args.visqol_mode,
                           speech_metrics={"auto": None, "on": True, "off": False}[args.speech_metrics])
     except (OSError, ValueError, ImportError, RuntimeError) as err:
         sys.stderr.write(f"error: {type(err).__name__}: {err}\n")
         return 1
     result = {"model": args.model, "data": args.data, **result}
-    sys.stdout.write(format_table(result) + "\n")
+    row = evaluation_row(result, Path(args.model.rstrip("/")).name or args.model,
+                         f"{Path(args.data.rstrip('/')).name or args.data} ({result['clips']} files)")
+    published = published_row(result["sample_rate"])
+    result.update(paper_row=row, published_row=published)
+    if args.output_markdown:
+        Path(args.output_markdown).write_text(markdown_table([row] + ([published] if published else [])) + "\n")
+    lines = [format_table(result), "", "paper row:", format_text(row)]
+    if published:
+        lines += ["published (SNAC paper, other data):", format_text(published)]
+    sys.stdout.write("\n".join(lines) + "\n")
     if args.output_json:
         output = Path(args.output_json)
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -114,12 +114,13 @@ def _card_metrics(model: SnacGenerator, info: dict[str, Any], train_config: Opti
     if source:
         result = evaluate(model, source, max_clips=evaluate_clips, max_seconds=train_config.validation_seconds,
                           target_loudness=train_config.target_loudness, timing=False)
-        keys = ("mel_distance", "stft_distance", "si_sdr", "pesq_wb", "stoi")
+        keys = ("mel_distance", "stft_distance", "si_sdr", "visqol", "pesq_wb", "stoi")
         metrics = {k: result["metrics"][k] for k in keys if k in result["metrics"]}
         for level in result["codebooks"]:
             metrics[f"codebook_usage_level{level['level']}"] = level["usage"]
             metrics[f"codebook_efficiency_level{level['level']}"] = level["efficiency"]
-        return {"metrics": metrics,
+        return {"metrics": metrics, "visqol_mode": result["settings"]["visqol_mode"],
+                "paper_data": f"{result['clips']} validation clips",
                 "metrics_source": f"Measured on the exported weights: {result['clips']} validation clips, "
                                   f"at most {train_config.validation_seconds:g} s each (`snac_accel.evaluate`)."}
     state = info.get("train_state") or {}

@@ -37,7 +37,8 @@ OPTIMIZER = ("learning_rate", "disc_learning_rate", "adam_beta1", "adam_beta2", 
 # Where the run writes and how it reports: never worth a line.
 UNREPORTED = ("output_dir", "resume_from_checkpoint", "hub_token", "log_level", "report_to", "logging_dir",
               "tracker_project_name", "dataloader_num_workers", "max_train_steps", "num_train_epochs",
-              "max_train_minutes", "logging_steps", "validation_steps", "checkpointing_steps", "checkpoints_total_limit",
+              "max_train_minutes", "logging_steps", "validation_steps", "quality_metrics_steps",
+              "visqol_mode", "checkpointing_steps", "checkpoints_total_limit",
               "push_to_hub", "hub_model_id", "hub_private")
 
 

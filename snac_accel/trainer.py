@@ -36,6 +36,7 @@ from .hub import HubTokenError, push_to_hub
 from .lock import lock_output_dir
 from .losses import DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarialLoss, MultiScaleMelLoss
 from .model import SnacGenerator, build_generator, freeze, generator_from_pretrained
+from .perceptual import visqol_mode
 from .progress import Progress, count_flops, start_summary
 from .resume import apply_optimizer_options, log_changes, resume_plan, run_record, scale_learning_rate
 from .step import GanStep, NonFiniteError, build_optimizers, build_scheduler, use_fused_adam
@@ -129,7 +130,7 @@ class SnacTrainer:
                            self.disc_loss, self.adv_loss, self.fm_loss, self.codebook_size)
         self.validator = None if self.val_batch is None else Validator(
             self.val_batch, acc, self.mel_loss, config.sampling_rate, self.codebook_size, config.seed,
-            collapse_advice(config, self.dead_code_steps))
+            advice=collapse_advice(config, self.dead_code_steps), visqol_mode=config.visqol_mode)
         self.bad_tracker = data_lib.BadFileTracker(max_fraction=config.max_bad_fraction)
         self._last_saved: Optional[tuple[int, int]] = None  # (step, best step) of the last checkpoint written
         self._update_flops = 0.0  # FLOPs of the micro-batches of the first update so far (`_counts_flops`)
@@ -256,16 +257,26 @@ class SnacTrainer:
             logs[f"train/loss_scale_{name}"] = scaler.get_scale()
         self.progress.log(logs, state.step)
 
-    def validate(self) -> dict[str, float]:
+    def quality_due(self, final: bool = False) -> bool:
+        """Whether this validation computes ViSQOL/PESQ/STOI: every ``--quality_metrics_steps``-th periodic one
+        (counted from the step, so a resumed run keeps the cadence) and the run's last one, unless -1."""
+        every, cadence = self.config.quality_metrics_steps, self.config.validation_steps
+        if every < 0:
+            return False
+        if final or self.state.step >= self.max_steps:
+            return True
+        return every > 0 and cadence > 0 and (self.state.step // cadence) % every == 0
+
+    def validate(self, final: bool = False) -> dict[str, float]:
         """Metrics on the fixed validation clips, with the EMA weights when EMA is on (`Validator`)."""
         if self.validator is None:
             return {}
         with eager():  # eval mode and the validation clips' length would compile graphs of their own
-            return self.validator(self.export_model, self.state.step)
+            return self.validator(self.export_model, self.state.step, quality=self.quality_due(final))
 
-    def _validate_and_keep_best(self) -> None:
+    def _validate_and_keep_best(self, final: bool = False) -> None:
         """Validate on the main process; its metrics decide, for every process, whether this is the new best."""
-        metrics = self.control.shared(self.validate() if self.accelerator.is_main_process else {})
+        metrics = self.control.shared(self.validate(final) if self.accelerator.is_main_process else {})
         if not metrics:
             return
         self.accelerator.log(metrics, step=self.state.step)
@@ -334,10 +345,13 @@ class SnacTrainer:
             datasets, words = describe_training_data(config)
             held = self.sources.held_out
             progress = getattr(self, "progress", None)
+            clips = self.val_batch.shape[0] if self.val_batch is not None else 0
             info = dict(steps=self.state.step, metrics=metrics, datasets=datasets, training_data=words,
                         validation_data=held.description if held is not None and held.count else None,
                         throughput=progress.last if progress is not None else None,
                         device=describe_device(self.accelerator),
+                        visqol_mode=visqol_mode(config.visqol_mode, config.sampling_rate),
+                        paper_data=f"{clips} validation clips of {config.validation_seconds:g} s",
                         rollbacks=self.state.extra.get("rollbacks"),
                         base_model=config.init_from, repo_id=config.hub_model_id, name=Path(config.output_dir).name)
             example = self.val_batch[:1].float().cpu() if self.val_batch is not None else None
@@ -452,7 +466,7 @@ class SnacTrainer:
             acc.end_training()
             return path
         if not config.validation_steps or state.step % config.validation_steps:
-            self._validate_and_keep_best()
+            self._validate_and_keep_best(final=True)
         self.save_checkpoint()
         final = self.export(Path(config.output_dir) / "final", state.extra.get("last_metrics"))
         if config.push_to_hub and acc.is_main_process:

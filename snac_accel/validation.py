@@ -1,11 +1,17 @@
 """Validation during training: metrics of the fixed validation clips, codebook health, media for TensorBoard.
 
+With ``quality=True`` a validation also computes ViSQOL, PESQ-WB and STOI of each clip
+(`snac_accel.perceptual`; the trainer asks for them every ``--quality_metrics_steps`` validations
+and at the last one), as ``val/visqol``, ``val/pesq_wb``, ``val/stoi``: means over the clips.
+
 Runs on a forked RNG with a fixed seed: the decoder's noise gives the same metrics every time, and
 training's random stream is untouched (resume stays bit-exact). TensorBoard gets the card's figures
 (`snac_accel.card`) and the first clips' audio, original and reconstruction.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -14,6 +20,7 @@ from accelerate.logging import get_logger
 from .card import codebook_usage_plot, spectra, spectrogram_plot
 from .codebook import code_counts, collapse_warnings, histogram_statistics
 from .losses import MultiScaleMelLoss, MultiScaleSTFTLoss, si_sdr
+from .perceptual import PerceptualMetrics, available
 
 logger = get_logger(__name__)
 
@@ -24,14 +31,26 @@ class Validator:
     """Metrics of a generator on the fixed validation clips [N, 1, T], as ``val/*`` tracker keys."""
 
     def __init__(self, clips: torch.Tensor, accelerator: Accelerator, mel_loss: MultiScaleMelLoss, sample_rate: int,
-                 codebook_size: int, seed: int, advice: str = "") -> None:
+                 codebook_size: int, seed: int, advice: str = "", visqol_mode: str = "auto") -> None:
         self.clips, self.accelerator, self.mel_loss = clips, accelerator, mel_loss
         self.stft_loss = MultiScaleSTFTLoss().to(accelerator.device)
         self.sample_rate, self.codebook_size, self.seed = sample_rate, codebook_size, seed
         self.advice = advice  # what to try when a level collapses (`codebook.collapse_advice`)
+        self.visqol_mode = visqol_mode
+        self._quality: Optional[PerceptualMetrics] = None
+
+    def quality(self) -> Optional[PerceptualMetrics]:
+        """The perceptual metrics, built at their first use; None (and one warning) without their packages."""
+        if self._quality is None:
+            missing = available()
+            if missing:
+                logger.warning(f"no ViSQOL/PESQ/STOI in validation: {missing}", main_process_only=True)
+                return None
+            self._quality = PerceptualMetrics(self.sample_rate, self.visqol_mode)
+        return self._quality
 
     @torch.no_grad()
-    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+    def __call__(self, model: torch.nn.Module, step: int, quality: bool = False) -> dict[str, float]:
         was_training = model.training
         model.eval()
         real = self.clips.to(self.accelerator.device)
@@ -47,6 +66,9 @@ class Validator:
             "val/stft_distance": self.stft_loss(fake, real).item(),
             "val/si_sdr": si_sdr(fake, real).mean().item(),
         }
+        perceptual = self.quality() if quality else None
+        if perceptual is not None:
+            metrics.update({f"val/{k}": v for k, v in perceptual.mean(fake.float().cpu(), real.float().cpu()).items()})
         counts = code_counts(codes, self.codebook_size)
         health = histogram_statistics(counts)
         usage, efficiency = health["usage"].tolist(), health["efficiency"].tolist()

@@ -113,25 +113,17 @@ def test_evaluation_is_repeatable_despite_decoder_noise(demo_dir, tmp_path):
         assert stats["entropy_bits"] == pytest.approx(float(-(p * p.log2()).sum()), abs=1e-9)
 
 
-def test_speech_metrics_on_demand_need_their_packages(trained_run, demo_dir, tmp_path, capsys):
-    if ev._speech_metrics(None) == {"pesq": True, "stoi": True}:
-        pytest.skip("pesq and pystoi are installed here")
-    rc = ev.main([str(trained_run / "final"), str(demo_dir / "validation"), "--speech_metrics", "on",
-                  "--output_json", str(tmp_path / "x.json")])
-    assert rc == 1
-    assert "pip install 'snac-accel[eval]'" in capsys.readouterr().err
-
-
-def test_pesq_and_stoi_when_their_packages_are_installed(demo_dir, tmp_path):
-    pytest.importorskip("pesq")
-    pytest.importorskip("pystoi")
+def test_visqol_pesq_and_stoi_by_default_and_off_on_request(demo_dir):
     from snac_accel.config import MODEL_PRESETS
 
     torch.manual_seed(0)
     model = build_generator({**MODEL_PRESETS["tiny"], "noise": False}).eval()
-    source = ev.open_source(str(sorted((demo_dir / "validation").glob("*.flac"))[0]))
-    result = ev.evaluate(model, source, max_seconds=2.0, timing=False)  # auto: on when installed
-    assert result["metric_failures"] == {}
-    assert 1.0 <= result["metrics"]["pesq_wb"] <= 4.7 and -1.0 <= result["metrics"]["stoi"] <= 1.0
+    source = ev.open_source(str(demo_dir / "real_speech" / "cs_m_01.flac"))
+    result = ev.evaluate(model, source, max_seconds=2.0, timing=False)
+    assert result["metric_failures"] == {} and result["settings"]["visqol_mode"] == "speech"
+    metrics = result["metrics"]
+    # an untrained codec: near the bottom of each scale
+    assert 1.0 <= metrics["visqol"] < 2.5 and 1.0 <= metrics["pesq_wb"] < 1.5 and -1.0 <= metrics["stoi"] < 0.7
     reference = ev.evaluate(model, source, max_seconds=2.0, timing=False, speech_metrics=False)
-    assert "pesq_wb" not in reference["metrics"] and "stoi" not in reference["metrics"]
+    assert not {"visqol", "pesq_wb", "stoi"} & set(reference["metrics"])
+    assert reference["metrics"]["mel_distance"] == metrics["mel_distance"]

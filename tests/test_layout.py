@@ -19,12 +19,14 @@ LONG_MODULES = {
 # Lowest first. A module imports modules of its own row or of lower rows, never of a higher one.
 ROWS = [
     ["snac_accel.presets", "snac_accel.option_checks", "snac_accel.launch_configs", "snac_accel.demo_data",
-     "snac_accel.demo_data.generate"],
+     "snac_accel.demo_data.generate", "snac_accel.demo_data.real_speech"],
     ["snac_accel.config", "snac_accel.arguments"],
-    ["snac_accel.model", "snac_accel.codebook", "snac_accel.discriminators", "snac_accel.losses", "snac_accel.data",
+    ["snac_accel.model", "snac_accel.codebook", "snac_accel.discriminators", "snac_accel.losses", "snac_accel.perceptual",
+     "snac_accel.data",
      "snac_accel.data.*", "snac_accel.tokenizer", "snac_accel.tokenizer.tokens", "snac_accel.tokenizer.chunks"],
     ["snac_accel.lock", "snac_accel.checkpoints", "snac_accel.progress", "snac_accel.compile", "snac_accel.control",
      "snac_accel.resume"],
+    ["snac_accel.paper"],
     ["snac_accel.card"],
     ["snac_accel.hub"],
     ["snac_accel.evaluate"],
