@@ -58,6 +58,8 @@ def check_options(config: Any) -> None:
         errors.append("--train_batch_size and --gradient_accumulation_steps must be at least 1")
     if config.max_train_steps is not None and config.max_train_steps < 1:
         errors.append("--max_train_steps must be at least 1")
+    if config.quality_metrics_steps < -1:
+        errors.append("--quality_metrics_steps must be -1 (never), 0 (the last validation only) or a count N")
     if config.logging_steps < 1:
         errors.append("--logging_steps must be at least 1 (the last update is always logged too)")
     if config.max_nonfinite_steps < 1 or config.max_rollbacks < 0:
