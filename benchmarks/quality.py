@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from snac_accel import train
-from snac_accel.config import parse_args
+from snac_accel.arguments import parse_args
 from snac_accel.evaluate import evaluate, evaluation_row, open_source
 from snac_accel.paper import format_text, markdown_table, published_row
 from snac_accel.hub import load_codec

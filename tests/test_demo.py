@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from snac_accel.config import parse_args
+from snac_accel.arguments import parse_args
 from snac_accel.trainer import SnacTrainer
 
 from .conftest import tiny_config
