@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 import torch
 from accelerate.logging import get_logger
 
-from .evaluate import _Running, _speech_metrics, clip_metrics
+from .evaluate import _perceptual, _Running, clip_metrics
 from .hub import ensure_accelerate_state, load_codec
 from .losses import MultiScaleMelLoss, MultiScaleSTFTLoss
 from .tokenizer import codes as codes_lib
@@ -89,7 +89,7 @@ def check(model: torch.nn.Module, info: dict[str, Any], rows: list[dict[str, Any
     sample_rate = info["codec"]["sample_rate"]
     device = next(model.parameters()).device
     mel_loss, stft_loss = MultiScaleMelLoss(sample_rate).to(device), MultiScaleSTFTLoss().to(device)
-    speech, failures, running = _speech_metrics(None), {}, _Running()
+    quality, running = _perceptual(None, sample_rate, "auto"), _Running()
     by_index = {row["index"]: row for row in rows}
     files, same, total = [], 0, 0
     for clip in source_clips(info, sorted(by_index)):
@@ -100,7 +100,7 @@ def check(model: torch.nn.Module, info: dict[str, Any], rows: list[dict[str, Any
         real = clip["audio"].reshape(1, 1, -1).to(device)
         fake = decode_row(model, row, info, seed).to(device)
         with torch.inference_mode():
-            scores = clip_metrics(fake, real, mel_loss, stft_loss, sample_rate, speech, failures)
+            scores = clip_metrics(fake, real, mel_loss, stft_loss, quality)
             reference = model.encode(real)
         stored = codes_lib.row_codes(row, info)
         for level_codes, ref in zip(stored, reference):
@@ -109,7 +109,8 @@ def check(model: torch.nn.Module, info: dict[str, Any], rows: list[dict[str, Any
         for key, value in scores.items():
             running.add(key, value)
         files.append({"index": row["index"], "id": row["id"], **scores})
-    return {"clips": len(files), "metrics": running.means(), "metric_failures": failures,
+    return {"clips": len(files), "metrics": running.means(),
+            "metric_failures": dict(quality.failures) if quality else {},
             "code_agreement": same / total if total else None, "files": files}
 
 
