@@ -219,6 +219,11 @@ signal_children() {
 demo() {
   local out=outputs/demo
   "$PY" -m snac_accel.train --config snac_accel/demo_data/demo.yaml --output_dir "$out"
+  if [[ ! -f "$out/final/config.json" ]]; then  # stopped by a signal: checkpointed, not exported
+    echo "the demo stopped before its last step; continue it with: $PY -m snac_accel.train" \
+      "--config snac_accel/demo_data/demo.yaml --output_dir $out --resume_from_checkpoint latest"
+    return 0
+  fi
   echo
   echo "the paper row of the demo codec on the bundled real speech (recorded voices, never trained on):"
   "$PY" -m snac_accel.evaluate "$out/final" snac_accel/demo_data/real_speech \
