@@ -17,7 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from .option_checks import ConfigError, check_options
-from .presets import DATASET_PRESETS, DISCRIMINATOR_PRESETS, MODEL_PRESETS, RECIPES
+from .presets import DATASET_PRESETS, DISCRIMINATOR_PRESETS, MODEL_PRESETS, RECIPES, SMALL_PRESETS
 
 __all__ = ["TrainConfig", "ConfigError", "MODEL_PRESETS", "DISCRIMINATOR_PRESETS", "DATASET_PRESETS", "RECIPES"]
 
@@ -128,7 +128,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _choice("Batches per optimizer update.", 1)
     recipe: Optional[str] = _choice(
         "Optimisation recipe filling the options you leave unset: snac (the SNAC paper's; default of the snac_* "
-        "presets), dac (DAC's final configs) or cpu (default of tiny).", None, ["snac", "dac", "cpu"])
+        "presets), dac (DAC's final configs) or cpu (default of tiny and tiny_44khz).", None, ["snac", "dac", "cpu"])
     learning_rate: Optional[float] = _choice("Generator learning rate (default: the recipe's).", None)
     disc_learning_rate: Optional[float] = _choice("Discriminator learning rate (default: learning_rate).", None)
     adam_beta1: float = _choice("AdamW beta1.", 0.8)
@@ -223,7 +223,7 @@ class TrainConfig:
     def apply_recipe(self) -> None:
         """Fill the recipe's options that were left unset (None); an unknown recipe is left to `validate`."""
         if self.recipe is None:
-            self.recipe = "cpu" if self.preset == "tiny" else "snac"
+            self.recipe = "cpu" if self.preset in SMALL_PRESETS else "snac"
         for key, value in RECIPES.get(self.recipe, {}).get("values", {}).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -260,7 +260,7 @@ class TrainConfig:
 
     @property
     def discriminator_config(self) -> dict[str, Any]:
-        name = self.discriminator_preset or ("tiny" if self.preset == "tiny" else "full")
+        name = self.discriminator_preset or ("tiny" if self.preset in SMALL_PRESETS else "full")
         return dict(DISCRIMINATOR_PRESETS[name])
 
     def apply_dataset_preset(self) -> None:

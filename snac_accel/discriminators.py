@@ -55,8 +55,9 @@ class BandedSTFTDiscriminator(nn.Module):
     """Complex STFT at one resolution, split into frequency bands with their own conv stacks (DAC).
 
     The STFT follows DAC's "match stride" framing: hop = window/4 and ceil(T / hop) frames, every
-    frame centred on a hop boundary. The whole path runs in float32 even under autocast: a
-    half-precision STFT loses the quiet bands, and its logits come back float32.
+    frame centred on a hop boundary. The STFT runs in float32 even under autocast (a half-precision
+    STFT loses the quiet bands). The conv stacks follow a bfloat16 autocast, whose range is
+    float32's, and stay float32 under float16, where the quiet bins would fall below its range.
     """
 
     def __init__(self, window_length: int, channels: int = 32, bands: Sequence[tuple[float, float]] = DEFAULT_BANDS
@@ -93,8 +94,11 @@ class BandedSTFTDiscriminator(nn.Module):
         return torch.view_as_real(spec).permute(0, 3, 2, 1)
 
     def forward(self, x: torch.Tensor) -> FeatureMaps:
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        device = x.device.type
+        with torch.autocast(device_type=device, enabled=False):
             spec = self.spectrogram(x)
+        half_convs = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+        with torch.autocast(device_type=device, enabled=half_convs):
             features, outputs = [], []
             for (lo, hi), convs in zip(self.bands, self.band_convs):
                 band = spec[..., lo:hi]

@@ -29,7 +29,17 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         decoder_dim=128, decoder_rates=[8, 8, 4, 2], attn_window_size=None,
         codebook_size=256, codebook_dim=8, vq_strides=[4, 2, 1], noise=True, depthwise=True,
     ),
+    # snac_44khz's layout (4 levels, local attention over 32 frames) at tiny's widths: smoke tests of
+    # the music configuration on a CPU.
+    "tiny_44khz": dict(
+        sampling_rate=44100, encoder_dim=16, encoder_rates=[2, 3, 8, 8], latent_dim=None,
+        decoder_dim=128, decoder_rates=[8, 8, 3, 2], attn_window_size=32,
+        codebook_size=256, codebook_dim=8, vq_strides=[8, 4, 2, 1], noise=True, depthwise=True,
+    ),
 }
+
+# The small presets train with the CPU recipe and narrow discriminators unless told otherwise.
+SMALL_PRESETS = ("tiny", "tiny_44khz")
 
 # Discriminator sizes per model preset: DAC's for the released sizes, narrow ones for `tiny`.
 DISCRIMINATOR_PRESETS: dict[str, dict[str, Any]] = {

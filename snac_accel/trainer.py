@@ -37,7 +37,7 @@ from .lock import lock_output_dir
 from .losses import DiscriminatorLoss, FeatureMatchingLoss, GeneratorAdversarialLoss, MultiScaleMelLoss
 from .model import SnacGenerator, build_generator, freeze, generator_from_pretrained
 from .perceptual import visqol_mode
-from .progress import Progress, count_flops, start_summary
+from .progress import DataAdvice, Progress, count_flops, start_summary
 from .resume import apply_optimizer_options, log_changes, resume_plan, run_record, scale_learning_rate
 from .step import GanStep, NonFiniteError, build_optimizers, build_scheduler, use_fused_adam
 from .validation import Validator
@@ -402,7 +402,11 @@ class SnacTrainer:
         words = held.description if held is not None and held.count else ""
         return start_summary(self.config, None if self.train_clips is None else len(self.train_clips),
                              0 if self.val_batch is None else len(self.val_batch), words, self.max_steps,
-                             self.accelerator.num_processes, sum(p.numel() for p in self.generator.parameters()))
+                             self.accelerator.num_processes, sum(p.numel() for p in self.generator.parameters()),
+                             self._data_advice().words())
+
+    def _data_advice(self) -> DataAdvice:
+        return DataAdvice(self.data.workers, self.data.decode_seconds, self.config.train_batch_size)
 
     def _train(self) -> None:
         """The loop. A batch is one micro-batch; after each optimizer update: log, validate, checkpoint, stop?
@@ -413,7 +417,7 @@ class SnacTrainer:
         config, acc = self.config, self.accelerator
         seconds_per_batch = config.train_batch_size * config.segment_samples / config.sampling_rate * acc.num_processes
         self.progress = Progress(acc, self.max_steps, self.state.step, seconds_per_batch,
-                                 self.state.extra.get("flops_per_update"))
+                                 self.state.extra.get("flops_per_update"), self._data_advice())
         self.control.start_clock()
         try:
             with self.control.signals():
@@ -452,10 +456,9 @@ class SnacTrainer:
         return self.state.step != step_before
 
     def _counts_flops(self) -> bool:
-        """The FLOPs of an update are counted once, on a fresh eager run's first update (kept in the
-        checkpoints for resumed runs); a compiled run's graphs hide their ops from the counter."""
-        return (self.state.step == 0 and not self.config.torch_compile
-                and "flops_per_update" not in self.state.extra)
+        """The FLOPs of an update are counted once, on a fresh run's first update (kept in the
+        checkpoints for resumed runs)."""
+        return self.state.step == 0 and "flops_per_update" not in self.state.extra
 
     def _finish(self) -> Path:
         """Stopped by a signal: the checkpoint only. Otherwise a last validation, then the checkpoint

@@ -75,16 +75,25 @@ def test_full_preset_has_dacs_sizes():
     assert stft.hop_length == 512
 
 
-def test_stft_path_is_float32_under_bf16_autocast():
+def test_stft_is_float32_and_its_convs_follow_bf16_autocast_only():
+    """The spectrum in float32 under any autocast; the conv stacks in bfloat16 under bfloat16 (same
+    range as float32), float32 under float16 (quiet bins below its range)."""
     discriminator = Discriminator(**DISCRIMINATOR_PRESETS["tiny"])
+    stft = discriminator.discriminators[5]
     audio = 0.1 * torch.randn(1, 1, 6000)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        outputs = discriminator(audio.bfloat16())
-    for maps in outputs[5:]:
-        assert all(m.dtype == torch.float32 for m in maps)
     with torch.no_grad():
         plain = discriminator(audio)
-    torch.testing.assert_close(outputs[5][-1].detach(), plain[5][-1], rtol=0.05, atol=0.05)
+    for dtype in (torch.bfloat16, torch.float16):
+        spectra = []
+        hook = stft.band_convs[0][0].register_forward_hook(lambda module, args, out: spectra.append(args[0]))
+        with torch.autocast("cpu", dtype=dtype):
+            outputs = discriminator(audio.to(dtype))
+        hook.remove()
+        assert spectra[0].dtype == torch.float32
+        expected = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        for maps in outputs[5:]:
+            assert all(m.dtype == expected for m in maps), dtype
+        torch.testing.assert_close(outputs[5][-1].detach().float(), plain[5][-1], rtol=0.05, atol=0.05)
 
 
 def test_input_is_dc_free_and_peak_normalised_to_0_8():

@@ -91,3 +91,40 @@ def test_throughput_and_flops_per_update_reach_the_logs_and_the_model_card(tmp_p
     assert abs(last["perf/tflops_per_second"] - flops * last["perf/updates_per_second"] / 1e12) < 1e-9
     card = (final / "README.md").read_text()
     assert "- Throughput: " in card and "updates per second" in card and "on 1 x CPU" in card
+
+
+def test_loader_workers_follow_the_cores_and_the_measured_decode_cost(monkeypatch, demo_dir):
+    """A batch decoded per 15 ms update: cheap formats leave the cores to the step, slow ones may pass the old cap of 8."""
+    from snac_accel.data import AudioClips, check_source, default_num_workers, files_dataset
+    from snac_accel.data.clips import ExcerptSpec
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert default_num_workers() == 8  # unmeasured (streaming): every spare core, at most 8
+    assert default_num_workers(1, 16 * 0.00006) == 2  # 24 kHz WAV, 0.06 ms a clip: two workers
+    assert default_num_workers(1, 16 * 0.00775) == 9  # Opus, 129 clips per CPU-second: ceil(124 / 15)
+    assert default_num_workers(1, 16 * 0.1) == 15 and default_num_workers(2, 16 * 0.1) == 7  # all spare cores
+    clips = AudioClips([files_dataset([str(p) for p in sorted((demo_dir / "train").glob("*.flac"))])],
+                       ExcerptSpec(sample_rate=24000, length=12000))
+    assert 0 < check_source(clips, "training") < 1.0  # real decodes, seconds per clip
+
+
+def test_a_loop_that_waits_on_its_loader_is_told_how_many_workers_keep_up(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from snac_accel.progress import DataAdvice, Progress
+    from snac_accel.trainer import SnacTrainer
+
+    from .conftest import tiny_config
+
+    # by hand: 16 clips of 10 ms are 160 ms of one worker per batch; at 20 ms a step, 8 workers keep up
+    line = DataAdvice(workers=3, decode_seconds=0.01, clips_per_batch=16).message(0.5, 10, 0.02)
+    assert "50% of the time of its last 10 updates (3 loader workers per process, 10.0 ms" in line
+    assert "160 ms and a step 20 ms, so about 8 workers keep up" in line and "--dataloader_num_workers" in line
+    monkeypatch.setattr(Progress, "SLOW_DATA_SHARE", 0.0)  # any wait counts as slow: the advice is due
+    trainer = SnacTrainer(tiny_config(tmp_path, max_train_steps=3, logging_steps=1, segment_seconds=0.25,
+                                      train_batch_size=2, validation_data_dir=None, codebook_init="none",
+                                      dataloader_num_workers=0))
+    with caplog.at_level(logging.WARNING):
+        trainer.fit()
+    advice = [r.getMessage() for r in caplog.records if "waited for data" in r.getMessage()]
+    assert len(advice) == 1 and "0 loader workers per process" in advice[0] and "workers keep up" in advice[0]

@@ -99,11 +99,13 @@ def test_two_process_resume_with_the_default_options_is_bit_identical(tmp_path, 
     ("--recipe", "dac", "--train_batch_size", "4"),
     ("--recipe", "snac", "--train_batch_size", "4"),
     ("--preset", "snac_24khz", "--train_batch_size", "1", "--segment_seconds", "0.2"),
-], ids=["tiny_dac_recipe", "tiny_snac_recipe", "snac_24khz_snac_recipe"])
+    ("--preset", "tiny_44khz", "--train_batch_size", "2", "--segment_seconds", "0.3"),
+], ids=["tiny_dac_recipe", "tiny_snac_recipe", "snac_24khz_snac_recipe", "tiny_44khz_cpu_recipe"])
 def test_resume_is_bit_identical_with_the_other_recipes_and_a_released_preset(tmp_path, variant):
-    """The defaults of the other recipes (DAC's clipping, the GAN from step 0) and of the snac_24khz
-    preset (4096 codes, full-size discriminators); only the batch is cut to fit the demo clips and the
-    CPU. 2 updates straight against 1 + resume + 1."""
+    """The defaults of the other recipes (DAC's clipping, the GAN from step 0), of the snac_24khz
+    preset (4096 codes, full-size discriminators) and of the 44 kHz layout (4 levels, local attention,
+    resampled input); only the batch is cut to fit the demo clips and the CPU. 2 updates straight
+    against 1 + resume + 1."""
     train([*defaults(tmp_path / "straight", 2), *variant], tmp_path / "straight.log")
     train([*defaults(tmp_path / "cut", 1), *variant], tmp_path / "cut.log")
     log = train([*defaults(tmp_path / "cut", 2, "--resume_from_checkpoint", "latest"), *variant],
@@ -140,8 +142,9 @@ def _descendants(pid: int) -> list[int]:
     return children + [d for c in children for d in _descendants(c)]
 
 
-# Each signal once and each rank at least once (each run costs about 30 s of the suite's time).
-@pytest.mark.parametrize("signum, rank", [(signal.SIGTERM, 0), (signal.SIGUSR1, 1), (signal.SIGINT, 1)], ids=lambda value: signal.Signals(value).name if isinstance(value, signal.Signals) else f"rank{value}")
+# Each of the three signals to each of the two ranks (about 30 s of the suite's time each); one of them resumes.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.parametrize("rank", [0, 1], ids=lambda rank: f"rank{rank}")
 def test_a_signal_to_one_process_stops_both_at_one_step(tmp_path, signum, rank, straight_two_processes):
     """Preemption signals one node, Ctrl-C may reach one process: every process checkpoints at the same
     step and exits 0, no export; the checkpoint resumes bit-identically to an uninterrupted run."""

@@ -110,6 +110,8 @@ class TrainingData:
     sampler: Any  # set_epoch(epoch, start_batch): the EpochBatchSampler, or the StreamingLoader itself
     clips: Optional[AudioClips]  # the map-style clips; None when streaming
     max_steps: int
+    workers: int = 0  # loader worker processes
+    decode_seconds: Optional[float] = None  # one clip's read, decode and cut, measured on the probes
 
 
 def training_data(config: Any, rank: int, world_size: int, pin_memory: bool,
@@ -121,19 +123,21 @@ def training_data(config: Any, rank: int, world_size: int, pin_memory: bool,
     names, train_sets = (list(x) for x in zip(*sources))
     weights = source_weights(config, len(sources))
     spec = train_spec(config)
-    workers = config.dataloader_num_workers
-    if workers is None:
-        workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    workers, local = config.dataloader_num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if config.streaming:
+        # a stream's position is counted per worker: the count must not depend on a measurement
+        workers = default_num_workers(local) if workers is None else workers
         for name, stream in sources:
             check_stream(stream, name, spec)
         clips = StreamingClips(mix_streams(train_sets, weights, config.seed), spec, seed=config.seed, rank=rank,
                                world_size=world_size, shuffle_buffer_size=config.shuffle_buffer_size)
         # Endless per process; its position (rows read per loader worker) goes into checkpoints.
         loader = StreamingLoader(clips, config.train_batch_size, workers, pin_memory, world_size=world_size)
-        return TrainingData(loader, loader, None, config.max_train_steps)
+        return TrainingData(loader, loader, None, config.max_train_steps, workers)
     map_clips = AudioClips(train_sets, spec, seed=config.seed, train=True, weights=weights, names=names)
-    check_source(map_clips, "training")
+    decode_seconds = check_source(map_clips, "training")
+    if workers is None:  # the worker count never changes what is trained on (resume tests, 0 and 1 workers)
+        workers = default_num_workers(local, config.train_batch_size * decode_seconds)
     sampler = EpochBatchSampler(len(map_clips), config.train_batch_size, seed=config.seed, num_replicas=world_size,
                                 rank=rank)
     if len(sampler) == 0:
@@ -141,7 +145,7 @@ def training_data(config: Any, rank: int, world_size: int, pin_memory: bool,
                           f"{config.train_batch_size} per process; lower --train_batch_size")
     updates_per_epoch = max(1, len(sampler) // config.gradient_accumulation_steps)
     return TrainingData(make_loader(map_clips, sampler, workers, pin_memory), sampler, map_clips,
-                        config.max_train_steps or config.num_train_epochs * updates_per_epoch)
+                        config.max_train_steps or config.num_train_epochs * updates_per_epoch, workers, decode_seconds)
 
 
 def seeding_excerpts(data: TrainingData, count: int, seed: int) -> list[torch.Tensor]:
