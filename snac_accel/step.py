@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from torch.optim.swa_utils import AveragedModel
@@ -50,16 +51,28 @@ class NonFiniteError(RuntimeError):
         self.models = tuple(models)
 
 
-def gather_uneven(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+def row_counts(accelerator: Accelerator, count: int, host_group: Any = None) -> list[int]:
+    """Every process's ``count``: over ``host_group`` (gloo, host integers) when given, so that knowing
+    them never waits on the device; else through the accelerator (a device tensor read back)."""
+    if accelerator.num_processes == 1:
+        return [count]
+    if host_group is None:
+        return accelerator.gather(torch.tensor([count], device=accelerator.device)).tolist()
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(accelerator.num_processes)]
+    dist.all_gather(counts, torch.tensor([count], dtype=torch.int64), group=host_group)
+    return [int(c) for c in counts]
+
+
+def gather_uneven(accelerator: Accelerator, tensor: torch.Tensor, counts: Optional[list[int]] = None) -> torch.Tensor:
     """Every process's ``tensor`` concatenated along dim 0, also when the processes hold different counts.
 
     A batch made smaller by a broken file whose replacements failed too gives one process fewer rows;
     a plain ``gather`` of unequal first dimensions aborts (gloo) or returns garbage. Rows are padded to
-    the largest count, gathered, and the padding dropped.
+    the largest count, gathered, and the padding dropped. ``counts`` (`row_counts`) saves asking.
     """
     if accelerator.num_processes == 1:
         return tensor
-    counts = accelerator.gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+    counts = row_counts(accelerator, tensor.shape[0]) if counts is None else counts
     largest = max(counts)
     padding = tensor.new_zeros((largest - tensor.shape[0], *tensor.shape[1:]))
     padded = accelerator.gather(torch.cat([tensor, padding]).contiguous())
@@ -120,6 +133,7 @@ class GanStep:
     adv_loss: GeneratorAdversarialLoss
     fm_loss: FeatureMatchingLoss
     codebook_size: int
+    host_group: Any = None  # gloo group of every process (`RunControl`): batch sizes known without a device sync
     window_counts: Optional[torch.Tensor] = None  # code histogram since the last logging step
     update_counts: Optional[torch.Tensor] = None  # this process's histogram of the open accumulation window
 
@@ -182,8 +196,10 @@ class GanStep:
             if sync and self.restarter is not None:
                 outcome = outcomes["generator"]
                 if isinstance(outcome, torch.Tensor) or outcome == STEPPED:  # a tensor: decided on the device
+                    counts = row_counts(acc, real.shape[0], self.host_group)  # the same for every level
                     logs.update(self.restarter.step(self.unwrapped_generator, out.latents, self.state.step,
-                                                    gather=lambda t: gather_uneven(acc, t), optimizer=self.opt_g,
+                                                    gather=lambda t: gather_uneven(acc, t, counts),
+                                                    optimizer=self.opt_g,
                                                     stepped=outcome if isinstance(outcome, torch.Tensor) else None))
                 else:  # a skipped update neither ages codes nor counts as their use
                     self.restarter.forget_window()

@@ -127,7 +127,7 @@ class SnacTrainer:
                            config.torch_compile_mode, config.torch_compile_backend)
         self.gan = GanStep(config, acc, self.state, self.generator, self.discriminator, self.opt_g, self.opt_d,
                            self.sched_g, self.sched_d, self.scalers, self.ema, self.restarter, self.mel_loss,
-                           self.disc_loss, self.adv_loss, self.fm_loss, self.codebook_size)
+                           self.disc_loss, self.adv_loss, self.fm_loss, self.codebook_size, self.control.group)
         self.validator = None if self.val_batch is None else Validator(
             self.val_batch, acc, self.mel_loss, config.sampling_rate, self.codebook_size, config.seed,
             advice=collapse_advice(config, self.dead_code_steps), visqol_mode=config.visqol_mode)
