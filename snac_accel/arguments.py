@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     """CLI -> TrainConfig. ``--config FILE`` (YAML or JSON) sets values that CLI options override."""
+    return parse_command(argv)[0]
+
+
+def parse_command(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
+    """CLI -> (TrainConfig, whether ``--check_only`` asks to stop once the options are checked)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -167,12 +172,12 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
         parser.set_defaults(**nulls)
     namespace = vars(parser.parse_args(words + argv))
     namespace.pop("config")
-    namespace.pop("check_only")
+    check_only = namespace.pop("check_only")
     dataset_path = namespace.pop("dataset_path")
     config = TrainConfig(**namespace, dataset_path=dataset_path)
     config.apply_dataset_preset()
     config.validate()
-    return config
+    return config, check_only
 
 
 def create_training_config(**options: Any) -> TrainConfig:

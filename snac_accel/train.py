@@ -7,19 +7,17 @@ import sys
 import types
 from typing import Any, Optional
 
-from .arguments import parse_args
+from .arguments import parse_command
 from .config import ConfigError
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    check_only = "--check_only" in argv  # launch.sh checks the options before it starts accelerate's launcher
     try:
-        config = parse_args([word for word in argv if word != "--check_only"])
+        config, check_only = parse_command(argv)
     except ConfigError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
-    if check_only:
+    if check_only:  # launch.sh checks the options before it starts accelerate's launcher
         return 0
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=getattr(logging, config.log_level.upper()))
